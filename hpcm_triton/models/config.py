@@ -1,0 +1,67 @@
+"""One configuration describes every variant: HPCM-Base/Large and the RWKV Phases 1–4 (SPEC §5).
+
+The variants differ only in which context cell each scale uses, which network fuses the
+context between scales, and which spatial prior predicts the entropy parameters.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class HPCMConfig:
+    M: int = 320                      # latent channels (multiple of 8: eight channel groups)
+    N: int = 256                      # hyper-latent channels
+    transform_widths: tuple = (96, 192, 384)
+    ga_blocks: tuple = (2, 2, 4)      # PConvRBs per g_a stage, shallow → deep
+    gs_blocks: tuple = (4, 2, 2)      # PConvRBs per g_s stage, deep → shallow
+    prior_s1_s2_blocks: tuple = (2, 1)
+    prior_s3_blocks: tuple = (3, 2)
+    # context cell per scale: "attention" (windowed cross-attention) or "rwkv"
+    cells: tuple = ("attention", "attention", "attention")
+    attention_windows: tuple = (4, 8, 8)
+    attention_heads: int = 32
+    rwkv_rates: tuple = (2, 3, 4)     # hidden_rate of the RWKV context cell per scale
+    fusion: str = "conv"              # context_net between scales: "conv" (1×1) or "rwkv"
+    prior: str = "dwconv"             # spatial priors: "dwconv" or "rwkv"
+    rwkv_prior_blocks: int = 2
+    use_checkpoint: bool = False      # gradient checkpointing in every RWKV module
+
+    def __post_init__(self):
+        if self.M % 8 or self.M <= 0:
+            raise ValueError(f"M must be a positive multiple of 8 (eight channel groups), got {self.M}")
+        if any(c not in ("attention", "rwkv") for c in self.cells) or len(self.cells) != 3:
+            raise ValueError(f"cells must be three of 'attention'/'rwkv', got {self.cells}")
+        if self.fusion not in ("conv", "rwkv"):
+            raise ValueError(f"fusion must be 'conv' or 'rwkv', got {self.fusion!r}")
+        if self.prior not in ("dwconv", "rwkv"):
+            raise ValueError(f"prior must be 'dwconv' or 'rwkv', got {self.prior!r}")
+        if "attention" in self.cells and (2 * self.M) % self.attention_heads:
+            raise ValueError(f"2M = {2 * self.M} must be divisible by attention_heads = {self.attention_heads}")
+
+    @property
+    def pad_multiple(self) -> int:
+        """Image sizes the schedule supports: y (1/16) must tile the s3 8×8 cells; windowed
+        attention at s1/s2 (1/64, 1/32 of the image) needs 256 as the official release does."""
+        if any(c == "attention" for c in self.cells[:2]):
+            return 64 * max(self.attention_windows[0], self.attention_windows[1] // 2)
+        if self.cells[2] == "attention":
+            return max(128, 16 * self.attention_windows[2])
+        return 128
+
+    def with_(self, **kw) -> "HPCMConfig":
+        return replace(self, **kw)
+
+
+BASE = HPCMConfig()
+LARGE = HPCMConfig(ga_blocks=(2, 2, 8), gs_blocks=(8, 2, 2), prior_s1_s2_blocks=(2, 2), prior_s3_blocks=(4, 3))
+PHASES = {
+    1: BASE.with_(cells=("attention", "attention", "rwkv")),
+    2: BASE.with_(cells=("rwkv", "rwkv", "rwkv")),
+    3: BASE.with_(cells=("rwkv", "rwkv", "rwkv"), fusion="rwkv"),
+    4: BASE.with_(cells=("rwkv", "rwkv", "rwkv"), fusion="rwkv", prior="rwkv"),
+}
+PRESETS = {"hpcm-base": BASE, "hpcm-large": LARGE, **{f"phase{k}": v for k, v in PHASES.items()}}
+
+# A small configuration for CPU tests and demos: same structure, narrow widths.
+TINY = dict(M=32, N=32, transform_widths=(16, 24, 32), attention_heads=4)

@@ -1,0 +1,365 @@
+"""HPCM (Hierarchical Progressive Context Model) and its RWKV variants, as one codec class.
+
+CompressAI's contract: ``forward(x) -> {"x_hat", "likelihoods"}``, ``compress(x) ->
+{"strings", "shape", "image_size"}``, ``decompress(strings, shape) -> {"x_hat"}``, ``update()``.
+The 11-step progressive schedule is written once (:meth:`HPCM._schedule`) and shared by
+forward, compress and decompress, which differ only in how a step turns (scales, means) into
+quantized latents: from y (forward, compress) or from the bitstream (decompress).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..entropy import BitstreamError, CdfTables, DecodeSession, GeneralizedGaussian, default_scale_table, encode
+from ..layers import conv1x1
+from . import masks
+from .config import BASE, HPCMConfig
+from .modules import (CrossAttentionCell, DWConvSpatialPrior, analysis_transform, hyper_analysis, hyper_synthesis,
+                      synthesis_transform)
+
+_TABLE_BUFFERS = ("scale_table", "quantized_cdf_z", "cdf_length_z", "offset_z",
+                  "quantized_cdf_y", "cdf_length_y", "offset_y")
+
+
+def _ste_round(x: torch.Tensor) -> torch.Tensor:
+    return (torch.round(x) - x).detach() + x
+
+
+def _uniform_noise(x: torch.Tensor) -> torch.Tensor:
+    return x + torch.empty_like(x).uniform_(-0.5, 0.5)
+
+
+def pad_centered(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad H, W up to multiples of ``multiple``, centred (as the official test script does)."""
+    h, w = x.shape[-2:]
+    H, W = -(-h // multiple) * multiple, -(-w // multiple) * multiple
+    left, top = (W - w) // 2, (H - h) // 2
+    return F.pad(x, (left, W - w - left, top, H - h - top))
+
+
+def crop_centered(x: torch.Tensor, size) -> torch.Tensor:
+    """Inverse of :func:`pad_centered`."""
+    H, W = x.shape[-2:]
+    h, w = size
+    left, top = (W - w) // 2, (H - h) // 2
+    return x[..., top:top + h, left:left + w]
+
+
+class HPCM(nn.Module):
+    """A learned image codec: analysis/synthesis transforms, a hyperprior, and the HPCM
+    progressive context model whose cells, fusion and priors are chosen by ``config``.
+
+    Input images are (B, 3, H, W) in [0, 1], any H, W ≥ 64: they are padded (centred) to the
+    multiple the schedule needs (``config.pad_multiple``) and cropped back.
+    """
+
+    def __init__(self, config: HPCMConfig = BASE, **overrides):
+        super().__init__()
+        cfg = config.with_(**overrides) if overrides else config
+        self.config = cfg
+        M, N = cfg.M, cfg.N
+        self.M, self.N = M, N
+
+        self.g_a = analysis_transform(M, cfg.transform_widths, cfg.ga_blocks)
+        self.g_s = synthesis_transform(M, cfg.transform_widths, cfg.gs_blocks)
+        self.h_a = hyper_analysis(M, N)
+        self.h_s = hyper_synthesis(M, N)
+
+        # z's entropy model: a learned per-channel mean and scale.
+        self.means_hyper = nn.Parameter(torch.zeros(1, N, 1, 1))
+        self.scales_hyper = nn.Parameter(torch.ones(1, N, 1, 1))
+        self.entropy_estimation = GeneralizedGaussian()
+
+        self.y_spatial_prior_adaptor_list_s1 = nn.ModuleList(conv1x1(3 * M, 3 * M) for _ in range(1))
+        self.y_spatial_prior_adaptor_list_s2 = nn.ModuleList(conv1x1(3 * M, 3 * M) for _ in range(3))
+        self.y_spatial_prior_adaptor_list_s3 = nn.ModuleList(conv1x1(3 * M, 3 * M) for _ in range(6))
+        if cfg.prior == "dwconv":
+            self.y_spatial_prior_s1_s2 = DWConvSpatialPrior(M, cfg.prior_s1_s2_blocks)
+            self.y_spatial_prior_s3 = DWConvSpatialPrior(M, cfg.prior_s3_blocks)
+        else:
+            from ..rwkv import RWKVSpatialPrior
+
+            self.y_spatial_prior_s1_s2 = RWKVSpatialPrior(M, num_blocks=cfg.rwkv_prior_blocks,
+                                                          use_checkpoint=cfg.use_checkpoint)
+            self.y_spatial_prior_s3 = RWKVSpatialPrior(M, num_blocks=cfg.rwkv_prior_blocks,
+                                                       use_checkpoint=cfg.use_checkpoint)
+        # One per prior call after the first step (1 + 3 + 6); multiplies the prior's features.
+        self.adaptive_params_list = nn.ParameterList(nn.Parameter(torch.ones(1, 3 * M, 1, 1)) for _ in range(10))
+
+        self.attn_s1, self.attn_s2, self.attn_s3 = (self._context_cell(i) for i in range(3))
+        if cfg.fusion == "conv":
+            self.context_net = nn.ModuleList(conv1x1(2 * M, 2 * M) for _ in range(2))
+        else:
+            from ..rwkv import RWKVFusionNet
+
+            self.context_net = nn.ModuleList(
+                RWKVFusionNet(2 * M, num_blocks=1, hidden_rate=4, use_checkpoint=cfg.use_checkpoint) for _ in range(2))
+
+        for name in _TABLE_BUFFERS:
+            self.register_buffer(name, torch.empty(0, dtype=torch.float32 if name == "scale_table" else torch.int32))
+        self._tables = None  # CdfTables cache, rebuilt after update()/load
+
+    def _context_cell(self, scale: int) -> nn.Module:
+        cfg = self.config
+        if cfg.cells[scale] == "attention":
+            return CrossAttentionCell(2 * cfg.M, 2 * cfg.M, window_size=cfg.attention_windows[scale], kernel_size=1,
+                                      num_heads=cfg.attention_heads)
+        from ..rwkv import RWKVContextCell
+
+        return RWKVContextCell(2 * cfg.M, hidden_rate=cfg.rwkv_rates[scale], use_checkpoint=cfg.use_checkpoint)
+
+    # ------------------------------------------------------------------ entropy tables
+    def update(self, scale_table: torch.Tensor | None = None, force: bool = False) -> bool:
+        """Build the rANS CDF tables (state_dict buffers). ``None`` = the official 60-scale table.
+
+        Returns True if tables were (re)built; with ``force=False`` existing tables are kept.
+        """
+        if self.quantized_cdf_y.numel() and not force and scale_table is None:
+            return False
+        if scale_table is None:
+            scale_table = default_scale_table()
+        dev = self.scales_hyper.device
+        self.scale_table = scale_table.detach().float().to(dev)
+        cdf, length, offset = self.entropy_estimation.quantized_cdfs(self.scales_hyper.detach().view(-1))
+        self.quantized_cdf_z, self.cdf_length_z, self.offset_z = cdf.to(dev), length.to(dev), offset.to(dev)
+        cdf, length, offset = self.entropy_estimation.quantized_cdfs(self.scale_table)
+        self.quantized_cdf_y, self.cdf_length_y, self.offset_y = cdf.to(dev), length.to(dev), offset.to(dev)
+        self._tables = None
+        return True
+
+    def _cdf_tables(self) -> dict:
+        if not self.quantized_cdf_y.numel():
+            raise RuntimeError("the entropy coder's tables are empty: call model.update() before compress/decompress")
+        if self._tables is None:
+            self._tables = {
+                "z": CdfTables.from_tensors(self.quantized_cdf_z, self.cdf_length_z, self.offset_z),
+                "y": CdfTables.from_tensors(self.quantized_cdf_y, self.cdf_length_y, self.offset_y),
+            }
+        return self._tables
+
+    def _y_indexes(self, scales: torch.Tensor) -> torch.Tensor:
+        # A scale's table index is the count of table entries (but the last) below it.
+        table = self.scale_table[:-1].to(scales.device)
+        return (scales.unsqueeze(-1) > table).sum(-1).int()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The CDF tables change size with update(); take the checkpoint's sizes (CompressAI's behaviour).
+        for name in _TABLE_BUFFERS:
+            key = prefix + name
+            if key in state_dict:
+                cur = getattr(self, name)
+                setattr(self, name, torch.empty_like(state_dict[key], dtype=cur.dtype, device=cur.device))
+        self._tables = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # ------------------------------------------------------------------ the schedule
+    def _schedule(self, params: torch.Tensor, code_step):
+        """Run HPCM's 11 coding steps on hyperprior output ``params`` (B, 2M, h, w).
+
+        ``code_step(scale, step, scales, means, mask)`` codes one step and returns a tuple of
+        masked tensors at that scale's resolution, the first being that step's ŷ; the tuples
+        are summed over steps and carried up the scales. Returns the summed tuple at full size.
+        """
+        B, _, H, W = params.shape
+        C = self.M
+        dt, dev = params.dtype, params.device
+        key = (B, C, H, W, dt, dev)
+        full_s2 = masks.s2_in_full(*key)
+        rec = masks.rec_s2(B, C, H // 2, W // 2, dt, dev)
+        scales_all, means_all = params.chunk(2, 1)
+
+        def to_s1(t):
+            return masks.subsample(masks.subsample(t, full_s2, H // 2, W // 2), rec, H // 4, W // 4)
+
+        def add(acc, new):
+            return new if acc is None else tuple(a + n for a, n in zip(acc, new))
+
+        prior_calls = 0
+
+        def prior_step(scale_idx, adaptor, prior, cell, context_next, y_hat_so_far):
+            nonlocal prior_calls
+            # Official quirk (SPEC §3 a): adaptor_list[i - 1] at i = 0 is the scale's *last* adaptor.
+            x = adaptor(torch.cat((context_next, y_hat_so_far), dim=1))
+            context = prior(x, self.adaptive_params_list[prior_calls])
+            prior_calls += 1
+            return context, cell(context, context_next)
+
+        # ---- s1: quarter resolution, 2 steps; step 0 uses the hyperprior directly
+        scales_s1, means_s1 = to_s1(scales_all), to_s1(means_all)
+        context_next = torch.cat((scales_s1, means_s1), dim=1)
+        mlist = masks.two_part(B, C, H // 4, W // 4, dt, dev)
+        acc = code_step("s1", 0, scales_s1, means_s1, mlist[0])
+        for i in range(1, 2):
+            context, context_next = prior_step(0, self.y_spatial_prior_adaptor_list_s1[i - 1],
+                                               self.y_spatial_prior_s1_s2, self.attn_s1, context_next, acc[0])
+            acc = add(acc, code_step("s1", i, *context.chunk(2, 1), mlist[i]))
+
+        # ---- s2: half resolution, 3 more steps
+        acc = tuple(masks.upsample(t, rec, H // 2, W // 2) for t in acc)
+        context = torch.cat([masks.upsample(t, rec, H // 2, W // 2) for t in context_next.chunk(2, 1)], dim=1)
+        full_s1 = masks.s1_in_full(*key)
+        context = context + torch.cat([masks.s2_hyper(t, full_s1, full_s2, rec, H // 2, W // 2)
+                                       for t in (scales_all, means_all)], dim=1)
+        context_next = self.context_net[0](context)
+        mlist = masks.four_part(B, C, H // 2, W // 2, dt, dev)[1:]
+        for i in range(3):
+            context, context_next = prior_step(1, self.y_spatial_prior_adaptor_list_s2[i - 1],
+                                               self.y_spatial_prior_s1_s2, self.attn_s2, context_next, acc[0])
+            acc = add(acc, code_step("s2", i, *context.chunk(2, 1), mlist[i]))
+
+        # ---- s3: full resolution, 6 more steps
+        acc = tuple(masks.upsample(t, full_s2, H, W) for t in acc)
+        context = torch.cat([masks.upsample(t, full_s2, H, W) for t in context_next.chunk(2, 1)], dim=1)
+        context = context + torch.cat([masks.s3_hyper(t, full_s2) for t in (scales_all, means_all)], dim=1)
+        context_next = self.context_net[1](context)
+        mlist = masks.eight_part(B, C, H, W, dt, dev)[2:]
+        for i in range(6):
+            context, context_next = prior_step(2, self.y_spatial_prior_adaptor_list_s3[i - 1],
+                                               self.y_spatial_prior_s3, self.attn_s3, context_next, acc[0])
+            acc = add(acc, code_step("s3", i, *context.chunk(2, 1), mlist[i]))
+        return acc
+
+    def _quantize_y(self, y: torch.Tensor, params: torch.Tensor, on_step=None):
+        """The schedule driven by the real latent y; returns (ŷ, y − μ, scales)."""
+        B, C, H, W = y.shape
+        full_s2 = masks.s2_in_full(B, C, H, W, y.dtype, y.device)
+        rec = masks.rec_s2(B, C, H // 2, W // 2, y.dtype, y.device)
+        y_s2 = masks.subsample(y, full_s2, H // 2, W // 2)
+        y_at = {"s1": masks.subsample(y_s2, rec, H // 4, W // 4), "s2": y_s2, "s3": y}
+        rnd = _ste_round if self.training else torch.round
+
+        def code_step(scale, step, scales, means, mask):
+            means_hat = means * mask
+            y_res = (y_at[scale] - means_hat) * mask
+            y_q = rnd(y_res)
+            if on_step is not None:
+                on_step(scale, y_q, scales * mask)
+            return y_q + means_hat, y_res, scales * mask
+
+        return self._schedule(params, code_step)
+
+    # ------------------------------------------------------------------ CompressAI contract
+    def _check_input(self, x: torch.Tensor):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"x must be a (B, 3, H, W) tensor, got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a float tensor in [0, 1], got {x.dtype}")
+        if min(x.shape[-2:]) < 64:
+            raise ValueError(f"images must be at least 64×64, got {x.shape[-2]}×{x.shape[-1]}")
+        if not torch.isfinite(x).all():
+            raise ValueError("x contains NaN or inf")
+
+    def forward(self, x: torch.Tensor, training: bool | None = None) -> dict:
+        """x (B, 3, H, W) → {"x_hat": (B, 3, H, W), "likelihoods": {"y", "z"}} (on the padded latents).
+
+        ``training`` (default: ``self.training``) picks additive-noise likelihoods and
+        straight-through rounding, as in the official training.
+        """
+        self._check_input(x)
+        training = self.training if training is None else training
+        size = x.shape[-2:]
+        x = pad_centered(x, self.config.pad_multiple)
+        y = self.g_a(x)
+        z = self.h_a(y)
+        z_res = z - self.means_hyper
+        if training:
+            z_hat = _ste_round(z_res) + self.means_hyper
+            z_likelihoods = self.entropy_estimation(_uniform_noise(z_res), self.scales_hyper)
+        else:
+            z_res_hat = torch.round(z_res)
+            z_hat = z_res_hat + self.means_hyper
+            z_likelihoods = self.entropy_estimation(z_res_hat, self.scales_hyper)
+        params = self.h_s(z_hat)
+        y_hat, y_res, scales = self._quantize_y(y, params)
+        x_hat = crop_centered(self.g_s(y_hat), size)
+        y_for_rate = _uniform_noise(y_res) if training else torch.round(y_res)
+        return {"x_hat": x_hat, "likelihoods": {"y": self.entropy_estimation(y_for_rate, scales), "z": z_likelihoods}}
+
+    @torch.no_grad()
+    def compress(self, x: torch.Tensor) -> dict:
+        """x (B, 3, H, W) → {"strings": [[y bytes]*B, [z bytes]*B], "shape": (zh, zw), "image_size": (H, W)}."""
+        self._check_input(x)
+        tables = self._cdf_tables()
+        size = tuple(x.shape[-2:])
+        x = pad_centered(x, self.config.pad_multiple)
+        y = self.g_a(x)
+        z = self.h_a(y)
+        z_res_hat = torch.round(z - self.means_hyper)
+        B = x.shape[0]
+        z_idx = self._z_indexes(z_res_hat.shape)
+        z_strings = [encode([(z_res_hat[b].cpu().numpy(), z_idx[b].cpu().numpy(), tables["z"])]) for b in range(B)]
+
+        params = self.h_s(z_res_hat + self.means_hyper)
+        groups = {"s1": 2, "s2": 4, "s3": 8}
+        chunks = [[] for _ in range(B)]
+
+        def on_step(scale, y_q, scales_masked):
+            g = groups[scale]
+            sym = masks.combine_groups(y_q, g).int().cpu().numpy()
+            idx = self._y_indexes(masks.combine_groups(scales_masked, g)).cpu().numpy()
+            for b in range(B):
+                chunks[b].append((sym[b], idx[b], tables["y"]))
+
+        self._quantize_y(y, params, on_step)
+        y_strings = [encode(c) for c in chunks]
+        return {"strings": [y_strings, z_strings], "shape": tuple(z.shape[-2:]), "image_size": size}
+
+    def _z_indexes(self, shape) -> torch.Tensor:
+        B, C, h, w = shape
+        return torch.arange(C, dtype=torch.int32).view(1, C, 1, 1).expand(B, C, h, w)
+
+    @torch.no_grad()
+    def decompress(self, strings, shape=None, image_size=None) -> dict:
+        """Decode ``strings`` (as returned by :meth:`compress`) into {"x_hat": (B, 3, H, W)}.
+
+        ``shape`` is z's (h, w); ``image_size`` the original (H, W) to crop to (default: the
+        padded size). ``decompress(model.compress(x))`` also works. Raises
+        :class:`~hpcm_triton.entropy.BitstreamError` for truncated, corrupted or foreign streams.
+        """
+        if isinstance(strings, dict):
+            strings, shape, image_size = strings["strings"], strings["shape"], strings.get("image_size")
+        if not isinstance(strings, (list, tuple)) or len(strings) != 2 or len(strings[0]) != len(strings[1]):
+            raise BitstreamError("strings must be [y_strings, z_strings], one bytes object per image in each")
+        if shape is None or len(shape) != 2 or min(shape) < 1:
+            raise BitstreamError(f"shape must be z's (h, w), got {shape}")
+        zh, zw = int(shape[0]), int(shape[1])
+        H, W = 4 * zh, 4 * zw  # y's size
+        mult = self.config.pad_multiple // 64
+        if zh % mult or zw % mult:
+            raise BitstreamError(f"shape {zh}×{zw} is not a z shape this model writes (multiples of {mult})")
+        if image_size is not None and not (0 < image_size[0] <= 64 * zh and 0 < image_size[1] <= 64 * zw):
+            raise BitstreamError(f"image_size {tuple(image_size)} does not fit z shape {zh}×{zw}")
+        tables = self._cdf_tables()
+        B = len(strings[0])
+        dev = self.scales_hyper.device
+        with DecodeSession(list(strings[1]), tables, label="z stream") as zdec:
+            z_idx = self._z_indexes((1, self.N, zh, zw))
+            z_res = torch.stack([torch.from_numpy(zdec.decode(b, "z", z_idx.numpy())).view(self.N, zh, zw)
+                                 for b in range(B)]).to(dev, torch.float32)
+            zdec.verify()
+        params = self.h_s(z_res + self.means_hyper)
+        groups = {"s1": 2, "s2": 4, "s3": 8}
+        with DecodeSession(list(strings[0]), tables, label="y stream") as ydec:
+            def code_step(scale, step, scales, means, mask):
+                g = groups[scale]
+                idx = self._y_indexes(masks.combine_groups(scales * mask, g)).cpu().numpy()
+                sym = torch.stack([torch.from_numpy(ydec.decode(b, "y", idx[b])).view(idx.shape[1:])
+                                   for b in range(B)]).to(dev, torch.float32)
+                return ((torch.cat([sym] * g, dim=1) + means) * mask,)
+
+            (y_hat,) = self._schedule(params, code_step)
+            ydec.verify()
+        x_hat = self.g_s(y_hat).clamp_(0, 1)
+        if image_size is not None:
+            x_hat = crop_centered(x_hat, image_size)
+        return {"x_hat": x_hat}
+
+    # ------------------------------------------------------------------ checkpoints
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in asdict(self.config).items() if getattr(BASE, k) != v) or "HPCM-Base"
