@@ -1,16 +1,271 @@
-"""Bi-WKV4 (step-1 stub: torch backend only; the Triton backend lands in the next commit)."""
+"""Bi-WKV4 as Triton kernels with exact autograd, plus dispatch to the PyTorch reference.
+
+Operator (Vision-RWKV Eq. 5), per batch b and channel c, tokens t = 0..T-1::
+
+    l(t, i) = k_i - (|t - i| - 1) * w     (i != t)
+    l(t, t) = u + k_t
+    y_t     = sum_i softmax_i(l(t, .)) * v_i
+
+computed exactly in O(T) with two exclusive decayed scans in log space
+(y_t = (A_t + C_t + e^{u+k_t} v_t) / (B_t + D_t + e^{u+k_t})), never by subtraction.
+
+Backends: "triton" (CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 was set before
+this module was imported), "torch" (:func:`reference.biwkv4_scan`), "auto" (triton on CUDA
+tensors, torch otherwise).
+
+Strategies of the Triton backend:
+* "sequential": one program per (b, BLOCK_C channels) walks all T tokens (left pass, right
+  pass). Best when B * C / BLOCK_C fills the GPU.
+* "chunked": T is cut into chunks of CHUNK tokens; per-chunk log-space totals, a scan over
+  chunk carries, then a local pass per chunk. B * C/BLOCK_C * T/CHUNK programs, so B = 1 with
+  long T (4K images: T ~ 35k, C = 640) fills a GPU.
+Heuristic (``strategy=None``): an entry of the autotune JSON for this device/C/dtype nearest
+in (B, T) wins; otherwise "sequential" when T <= 128 or B * ceil(C/64) >= the number of SMs,
+else "chunked" with CHUNK the power of two (32..1024) that gives about 4 programs per SM.
+"""
 from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from pathlib import Path
 
 import torch
 
 from reference.biwkv4 import biwkv4_scan as biwkv4_reference
 
-BiWKV4Function = None
+__all__ = ["biwkv4", "BiWKV4Function", "biwkv4_reference", "poison_outputs", "choose_strategy"]
+
+_BACKENDS = ("auto", "torch", "triton")
+_STRATEGIES = (None, "sequential", "chunked")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Interpreter mode is fixed at import time, like triton itself.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_POISON = os.environ.get("HPCM_TRITON_NAN_POISON", "0") == "1"
+
+DEFAULT_TUNE_PATH = Path(os.environ.get(
+    "HPCM_BIWKV4_TUNE", str(Path.home() / ".cache" / "hpcm_triton" / "biwkv4_autotune.json")))
 
 
-def biwkv4(w, u, k, v, *, backend: str = "auto", strategy=None):
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    if backend == "triton" or (backend == "auto" and k.is_cuda):
-        raise NotImplementedError("the Triton backend is not implemented yet")
-    return biwkv4_reference(w, u, k, v)
+@contextlib.contextmanager
+def poison_outputs(enabled: bool = True):
+    """Test hook: kernel outputs and scratch are allocated NaN-filled instead of empty, so an
+    element a kernel fails to write shows up as NaN. Also enabled by HPCM_TRITON_NAN_POISON=1."""
+    global _POISON
+    old, _POISON = _POISON, enabled
+    try:
+        yield
+    finally:
+        _POISON = old
+
+
+def _alloc(shape, dtype, device):
+    if _POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _kernels():
+    from . import _kernels
+    return _kernels
+
+
+# ----------------------------------------------------------------------------- validation
+def _validate(w, u, k, v):
+    names = {"w": w, "u": u, "k": k, "v": v}
+    for n, x in names.items():
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{n} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{n} must be a floating tensor (float16/bfloat16/float32/float64), "
+                             f"got dtype {x.dtype}")
+    if k.dim() != 3:
+        raise ValueError(f"k must have shape (B, T, C), got {tuple(k.shape)} (ndim {k.dim()})")
+    B, T, C = k.shape
+    if B < 1 or T < 1 or C < 1:
+        raise ValueError(f"k must have shape (B, T, C) with B, T, C >= 1, got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have shape (B, T, C) = {tuple(k.shape)} like k, got {tuple(v.shape)}")
+    if w.shape != (C,):
+        raise ValueError(f"w must have shape (C,) = ({C},), got {tuple(w.shape)}")
+    if u.shape != (C,):
+        raise ValueError(f"u must have shape (C,) = ({C},), got {tuple(u.shape)}")
+    if v.dtype != k.dtype:
+        raise ValueError(f"v must have the dtype of k ({k.dtype}), got {v.dtype}")
+    devs = {x.device for x in names.values()}
+    if len(devs) != 1:
+        raise ValueError("w, u, k, v must be on the same device, got "
+                         + ", ".join(f"{n}: {x.device}" for n, x in names.items()))
+
+
+# ----------------------------------------------------------------------------- strategy
+_TUNE_CACHE: dict = {}
+
+
+def _load_tune(path: Path):
+    key = str(path)
+    if key not in _TUNE_CACHE:
+        try:
+            _TUNE_CACHE[key] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            _TUNE_CACHE[key] = None
+    return _TUNE_CACHE[key]
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def choose_strategy(B: int, T: int, C: int, dtype: torch.dtype, device: torch.device,
+                    tune_path: Path | None = None):
+    """Return (strategy, chunk) for a shape; see the module docstring."""
+    data = _load_tune(Path(tune_path) if tune_path else DEFAULT_TUNE_PATH)
+    if data and device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        best, best_d = None, math.inf
+        for e in data.get("entries", []):
+            if e.get("device") != name or e.get("C") != C or e.get("dtype") != str(dtype):
+                continue
+            d = abs(math.log(e["T"] / T)) + abs(math.log(e["B"] / B))
+            if d < best_d:
+                best, best_d = e, d
+        if best is not None and best_d < 1.0:
+            return best["strategy"], int(best.get("chunk") or T)
+    n_sm = _num_sms(device)
+    seq_programs = B * -(-C // 64)
+    if T <= 128 or seq_programs >= n_sm:
+        return "sequential", T
+    target = max(1, (T * seq_programs) // (4 * n_sm))
+    chunk = 32
+    while chunk * 2 <= min(target, 1024):
+        chunk *= 2
+    return "chunked", chunk
+
+
+# ----------------------------------------------------------------------------- launchers
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _forward(w, u, k, v, strategy, chunk):
+    kk = _kernels()
+    B, T, C = k.shape
+    acc = _acc_dtype(k.dtype)
+    dev = k.device
+    y = _alloc((B, T, C), acc, dev)
+    logd = _alloc((B, T, C), acc, dev)
+    if strategy == "sequential":
+        chunk, NT = T, 1
+    else:
+        chunk = max(1, int(chunk))
+        NT = -(-T // chunk)
+    if NT > 1:
+        s = _alloc((2, 3, B, NT, C), acc, dev)
+        c = _alloc((2, 3, B, NT, C), acc, dev)
+        kk.biwkv4_fwd_summary_kernel[lambda m: (B, triton_cdiv(C, m["BLOCK_C"]), NT)](
+            k, v, w, s, B, T, C, NT, chunk)
+        kk.biwkv4_fwd_carry_kernel[lambda m: (B, triton_cdiv(C, m["BLOCK_C"]))](
+            w, s, c, B, T, C, NT, chunk)
+    else:
+        c = y  # unused placeholder of the right dtype
+    kk.biwkv4_fwd_kernel[lambda m: (B, triton_cdiv(C, m["BLOCK_C"]), NT)](
+        k, v, w, u, y, logd, c, B, T, C, NT, chunk, HAS_CARRY=NT > 1)
+    return y, logd, chunk, NT
+
+
+def _backward(w, u, k, v, y, logd, gy, chunk, NT):
+    kk = _kernels()
+    B, T, C = k.shape
+    acc = y.dtype
+    dev = k.device
+    gk = _alloc((B, T, C), acc, dev)
+    gv = _alloc((B, T, C), acc, dev)
+    gwp = _alloc((B, NT, C), acc, dev)
+    gup = _alloc((B, NT, C), acc, dev)
+    if NT > 1:
+        s = _alloc((2, 8, B, NT, C), acc, dev)
+        c = _alloc((2, 8, B, NT, C), acc, dev)
+        kk.biwkv4_bwd_summary_kernel[lambda m: (B, triton_cdiv(C, m["BLOCK_C"]), NT)](
+            k, v, w, y, logd, gy, s, B, T, C, NT, chunk)
+        kk.biwkv4_bwd_carry_kernel[lambda m: (B, triton_cdiv(C, m["BLOCK_C"]))](
+            w, s, c, B, T, C, NT, chunk)
+    else:
+        c = y
+    kk.biwkv4_bwd_kernel[lambda m: (B, triton_cdiv(C, m["BLOCK_C"]), NT)](
+        k, v, w, u, y, logd, gy, gk, gv, gwp, gup, c, B, T, C, NT, chunk, HAS_CARRY=NT > 1)
+    # deterministic reductions over batch and chunks (no atomics)
+    return gwp.sum(dim=(0, 1)), gup.sum(dim=(0, 1)), gk, gv
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+class BiWKV4Function(torch.autograd.Function):
+    """Autograd Function of the Triton Bi-WKV4 (inputs already validated and contiguous)."""
+
+    @staticmethod
+    def forward(ctx, w, u, k, v, strategy, chunk):
+        y, logd, chunk, NT = _forward(w, u, k, v, strategy, chunk)
+        ctx.save_for_backward(w, u, k, v, y, logd)
+        ctx.chunk, ctx.NT = chunk, NT
+        return y.to(k.dtype)
+
+    @staticmethod
+    def backward(ctx, gy):
+        w, u, k, v, y, logd = ctx.saved_tensors
+        gy = gy.contiguous()
+        gw, gu, gk, gv = _backward(w, u, k, v, y, logd, gy, ctx.chunk, ctx.NT)
+        return gw.to(w.dtype), gu.to(u.dtype), gk.to(k.dtype), gv.to(v.dtype), None, None
+
+
+def biwkv4(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+           backend: str = "auto", strategy: str | None = None, chunk: int | None = None
+           ) -> torch.Tensor:
+    """Bi-WKV4 (Vision-RWKV Eq. 5): ``y_t = sum_i softmax_i(l(t, .)) v_i`` with
+    ``l(t, i) = k_i - (|t-i| - 1) w`` for i != t and ``l(t, t) = u + k_t``.
+
+    Args:
+        w, u: (C,) decay and bonus (any sign; LALIC passes decay/T and boost/T).
+        k, v: (B, T, C), B, T, C >= 1, contiguous or strided.
+        backend: "auto" | "triton" | "torch".
+        strategy: None (heuristic / autotune JSON) | "sequential" | "chunked" (Triton only).
+        chunk: tokens per chunk for the chunked strategy (default: heuristic).
+    Returns:
+        y: (B, T, C) in k's dtype. float16/bfloat16/float32 accumulate in float32, float64 in
+        float64. Differentiable in w, u, k, v (exact gradients; gw, gu reduced
+        deterministically).
+    Raises:
+        ValueError: wrong shapes/ndim/dtypes/devices, unknown backend or strategy.
+        RuntimeError: backend="triton" on CPU tensors without TRITON_INTERPRET=1.
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if strategy not in _STRATEGIES:
+        raise ValueError(f"strategy must be one of {_STRATEGIES}, got {strategy!r}")
+    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    _validate(w, u, k, v)
+    if backend == "auto":
+        backend = "triton" if k.is_cuda else "torch"
+    if backend == "torch":
+        return biwkv4_reference(w, u, k, v)
+    if not k.is_cuda and not _INTERPRET:
+        raise RuntimeError(
+            "biwkv4(backend='triton') got CPU tensors, but Triton kernels need a CUDA device. "
+            "Set TRITON_INTERPRET=1 before importing kernels_triton to run them through "
+            "Triton's interpreter, or use backend='torch'.")
+    B, T, C = k.shape
+    if strategy is None:
+        strategy, ch = choose_strategy(B, T, C, k.dtype, k.device)
+        chunk = chunk or ch
+    elif strategy == "chunked" and chunk is None:
+        chunk = choose_strategy(B, T, C, k.dtype, k.device)[1]
+        if chunk >= T:
+            chunk = max(1, 1 << max(0, (T - 1).bit_length() - 2))  # about 4 chunks
+    return BiWKV4Function.apply(w.contiguous(), u.contiguous(), k.contiguous(),
+                                v.contiguous(), strategy, chunk)

@@ -1,0 +1,422 @@
+"""@triton.jit kernels of Bi-WKV4 (see kernels_triton/biwkv4.py for the math).
+
+Layout: k, v, y, logd, gy, gk, gv are contiguous (B, T, C); w, u are (C,). Summary and carry
+buffers are contiguous (NV, B, NT, C) with NV state values per (b, chunk, c).
+Every program owns (one batch row b, BLOCK_C channels, one chunk of CHUNK tokens) and walks
+its tokens one at a time, coalesced over C. The "sequential" strategy is the chunk kernel
+with a single chunk (NT = 1, CHUNK = T, no carries).
+
+Log-space state of an exclusive decayed sum  S = sum_i e^{a_i - dist_i * w} * (x_i, 1):
+(o, pn, pd) with S = e^o * (pn, pd), o the exact maximum logit, so pd >= 1 unless empty
+(empty: o = NEG, pn = pd = 0). The derivative sums dn, dd carry sum_i dist_i * (...).
+All arithmetic is in the accumulator dtype ACC (fp32, or fp64 for fp64 inputs); inputs are
+converted on load (bf16/fp16 are never used in arithmetic directly). Offsets are int64.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+NEG = -1e30
+
+# Autotune configs. Keys are static sizes only (C; pointer dtypes are part of triton's key);
+# never T or B. Under the interpreter a single config (several configs need a GPU driver).
+if INTERPRET:
+    CONFIGS = [triton.Config({"BLOCK_C": 64}, num_warps=1)]
+else:
+    CONFIGS = [
+        triton.Config({"BLOCK_C": 32}, num_warps=1),
+        triton.Config({"BLOCK_C": 64}, num_warps=1),
+        triton.Config({"BLOCK_C": 64}, num_warps=2),
+        triton.Config({"BLOCK_C": 128}, num_warps=2),
+        triton.Config({"BLOCK_C": 128}, num_warps=4),
+    ]
+AUTOTUNE_KEY = ["C"]
+
+
+# ----------------------------------------------------------------------------- helpers
+@triton.jit
+def _push(o, pn, pd, a, x, w):
+    """Decay the state one step and add the element e^a * (x, 1)."""
+    od = o - w
+    on = tl.maximum(od, a)
+    s1 = tl.exp(od - on)
+    s2 = tl.exp(a - on)
+    return on, pn * s1 + x * s2, pd * s1 + s2
+
+
+@triton.jit
+def _push_d(o, pn, pd, dn, dd, a, x, w):
+    """_push that also carries the distance-weighted sums (old terms get distance + 1)."""
+    od = o - w
+    on = tl.maximum(od, a)
+    s1 = tl.exp(od - on)
+    s2 = tl.exp(a - on)
+    return on, pn * s1 + x * s2, pd * s1 + s2, (dn + pn) * s1, (dd + pd) * s1
+
+
+@triton.jit
+def _push_q(o, g1, g2, a, x1, x2, w):
+    """_push for two signed numerators and no denominator (backward q/r scans)."""
+    od = o - w
+    on = tl.maximum(od, a)
+    s1 = tl.exp(od - on)
+    s2 = tl.exp(a - on)
+    return on, g1 * s1 + x1 * s2, g2 * s1 + x2 * s2
+
+
+@triton.jit
+def _merge3(o1, a1, b1, o2, a2, b2):
+    o = tl.maximum(o1, o2)
+    s1 = tl.exp(o1 - o)
+    s2 = tl.exp(o2 - o)
+    return o, a1 * s1 + a2 * s2, b1 * s1 + b2 * s2
+
+
+@triton.jit
+def _merge5(o1, a1, b1, c1, d1, o2, a2, b2, c2, d2):
+    o = tl.maximum(o1, o2)
+    s1 = tl.exp(o1 - o)
+    s2 = tl.exp(o2 - o)
+    return o, a1 * s1 + a2 * s2, b1 * s1 + b2 * s2, c1 * s1 + c2 * s2, d1 * s1 + d2 * s2
+
+
+@triton.jit
+def _lr(o, pn, pd):
+    """(o, pn, pd) -> (log of the weight sum, weighted mean); empty -> (NEG, 0)."""
+    pd1 = tl.maximum(pd, 1.0)
+    return o + tl.log(pd1), pn / pd1
+
+
+# ----------------------------------------------------------------------------- forward
+@triton.autotune(configs=CONFIGS, key=AUTOTUNE_KEY)
+@triton.jit(do_not_specialize=["T", "NT", "CHUNK"])
+def biwkv4_fwd_summary_kernel(k_ptr, v_ptr, w_ptr, s_ptr, B, T, C, NT, CHUNK,
+                              BLOCK_C: tl.constexpr):
+    """Per-chunk left and right totals (o, pn, pd) of e^{k} * (v, 1): left as seen from the
+    chunk end, right as seen from just before the chunk start."""
+    pid_b = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    ACC = s_ptr.dtype.element_ty
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = cols < C
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(ACC)
+    start = pid_n * CHUNK
+    n_loc = tl.minimum(CHUNK, T - start)
+    base = (pid_b.to(tl.int64) * T + start) * C
+    o = tl.full([BLOCK_C], NEG, ACC)
+    pn = tl.zeros([BLOCK_C], ACC)
+    pd = tl.zeros([BLOCK_C], ACC)
+    for i in range(0, n_loc):
+        off = base + i * C + cols
+        k = tl.load(k_ptr + off, mask=mask, other=0.0).to(ACC)
+        v = tl.load(v_ptr + off, mask=mask, other=0.0).to(ACC)
+        o, pn, pd = _push(o, pn, pd, k, v, w)
+    so = (pid_b.to(tl.int64) * NT + pid_n) * C + cols
+    st = B * NT * C
+    tl.store(s_ptr + so, o, mask=mask)
+    tl.store(s_ptr + st + so, pn, mask=mask)
+    tl.store(s_ptr + 2 * st + so, pd, mask=mask)
+    o = tl.full([BLOCK_C], NEG, ACC)
+    pn = tl.zeros([BLOCK_C], ACC)
+    pd = tl.zeros([BLOCK_C], ACC)
+    for i in range(0, n_loc):
+        off = base + (n_loc - 1 - i) * C + cols
+        k = tl.load(k_ptr + off, mask=mask, other=0.0).to(ACC)
+        v = tl.load(v_ptr + off, mask=mask, other=0.0).to(ACC)
+        o, pn, pd = _push(o, pn, pd, k, v, w)
+    tl.store(s_ptr + 3 * st + so, o, mask=mask)
+    tl.store(s_ptr + 3 * st + st + so, pn, mask=mask)
+    tl.store(s_ptr + 3 * st + 2 * st + so, pd, mask=mask)
+
+
+@triton.autotune(configs=CONFIGS, key=AUTOTUNE_KEY)
+@triton.jit(do_not_specialize=["T", "NT", "CHUNK"])
+def biwkv4_fwd_carry_kernel(w_ptr, s_ptr, c_ptr, B, T, C, NT, CHUNK,
+                            BLOCK_C: tl.constexpr):
+    """Scan over chunk summaries: exclusive left carry at each chunk start, exclusive right
+    carry at each chunk end (both in log space)."""
+    pid_b = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    ACC = s_ptr.dtype.element_ty
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = cols < C
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(ACC)
+    st = B * NT * C
+    o = tl.full([BLOCK_C], NEG, ACC)
+    pn = tl.zeros([BLOCK_C], ACC)
+    pd = tl.zeros([BLOCK_C], ACC)
+    for n in range(0, NT):
+        so = (pid_b.to(tl.int64) * NT + n) * C + cols
+        tl.store(c_ptr + so, o, mask=mask)
+        tl.store(c_ptr + st + so, pn, mask=mask)
+        tl.store(c_ptr + 2 * st + so, pd, mask=mask)
+        ln = tl.minimum(CHUNK, T - n * CHUNK).to(ACC)
+        o2 = tl.load(s_ptr + so, mask=mask, other=NEG)
+        pn2 = tl.load(s_ptr + st + so, mask=mask, other=0.0)
+        pd2 = tl.load(s_ptr + 2 * st + so, mask=mask, other=0.0)
+        o, pn, pd = _merge3(o - ln * w, pn, pd, o2, pn2, pd2)
+    o = tl.full([BLOCK_C], NEG, ACC)
+    pn = tl.zeros([BLOCK_C], ACC)
+    pd = tl.zeros([BLOCK_C], ACC)
+    for i in range(0, NT):
+        n = NT - 1 - i
+        so = (pid_b.to(tl.int64) * NT + n) * C + cols
+        tl.store(c_ptr + 3 * st + so, o, mask=mask)
+        tl.store(c_ptr + 3 * st + st + so, pn, mask=mask)
+        tl.store(c_ptr + 3 * st + 2 * st + so, pd, mask=mask)
+        ln = tl.minimum(CHUNK, T - n * CHUNK).to(ACC)
+        o2 = tl.load(s_ptr + 3 * st + so, mask=mask, other=NEG)
+        pn2 = tl.load(s_ptr + 3 * st + st + so, mask=mask, other=0.0)
+        pd2 = tl.load(s_ptr + 3 * st + 2 * st + so, mask=mask, other=0.0)
+        o, pn, pd = _merge3(o - ln * w, pn, pd, o2, pn2, pd2)
+
+
+@triton.autotune(configs=CONFIGS, key=AUTOTUNE_KEY)
+@triton.jit(do_not_specialize=["T", "NT", "CHUNK"])
+def biwkv4_fwd_kernel(k_ptr, v_ptr, w_ptr, u_ptr, y_ptr, logd_ptr, c_ptr,
+                      B, T, C, NT, CHUNK, HAS_CARRY: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Local pass over one chunk: left-to-right exclusive sums (parked in y/logd), then
+    right-to-left, combining with the diagonal term into y (ACC) and logd = log(denominator)."""
+    pid_b = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    ACC = y_ptr.dtype.element_ty
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = cols < C
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(ACC)
+    u = tl.load(u_ptr + cols, mask=mask, other=0.0).to(ACC)
+    start = pid_n * CHUNK
+    n_loc = tl.minimum(CHUNK, T - start)
+    base = (pid_b.to(tl.int64) * T + start) * C
+    so = (pid_b.to(tl.int64) * NT + pid_n) * C + cols
+    st = B * NT * C
+    if HAS_CARRY:
+        o = tl.load(c_ptr + so, mask=mask, other=NEG)
+        pn = tl.load(c_ptr + st + so, mask=mask, other=0.0)
+        pd = tl.load(c_ptr + 2 * st + so, mask=mask, other=0.0)
+    else:
+        o = tl.full([BLOCK_C], NEG, ACC)
+        pn = tl.zeros([BLOCK_C], ACC)
+        pd = tl.zeros([BLOCK_C], ACC)
+    for i in range(0, n_loc):
+        off = base + i * C + cols
+        k = tl.load(k_ptr + off, mask=mask, other=0.0).to(ACC)
+        v = tl.load(v_ptr + off, mask=mask, other=0.0).to(ACC)
+        la, ra = _lr(o, pn, pd)
+        tl.store(logd_ptr + off, la, mask=mask)
+        tl.store(y_ptr + off, ra, mask=mask)
+        o, pn, pd = _push(o, pn, pd, k, v, w)
+    if HAS_CARRY:
+        o = tl.load(c_ptr + 3 * st + so, mask=mask, other=NEG)
+        pn = tl.load(c_ptr + 3 * st + st + so, mask=mask, other=0.0)
+        pd = tl.load(c_ptr + 3 * st + 2 * st + so, mask=mask, other=0.0)
+    else:
+        o = tl.full([BLOCK_C], NEG, ACC)
+        pn = tl.zeros([BLOCK_C], ACC)
+        pd = tl.zeros([BLOCK_C], ACC)
+    for i in range(0, n_loc):
+        off = base + (n_loc - 1 - i) * C + cols
+        k = tl.load(k_ptr + off, mask=mask, other=0.0).to(ACC)
+        v = tl.load(v_ptr + off, mask=mask, other=0.0).to(ACC)
+        la = tl.load(logd_ptr + off, mask=mask, other=NEG)
+        ra = tl.load(y_ptr + off, mask=mask, other=0.0)
+        lc, rc = _lr(o, pn, pd)
+        ld = u + k
+        m = tl.maximum(tl.maximum(la, lc), ld)
+        ea = tl.exp(la - m)
+        ec = tl.exp(lc - m)
+        ed = tl.exp(ld - m)
+        den = ea + ec + ed
+        y = (ea * ra + ec * rc + ed * v) / den
+        tl.store(y_ptr + off, y, mask=mask)
+        tl.store(logd_ptr + off, m + tl.log(den), mask=mask)
+        o, pn, pd = _push(o, pn, pd, k, v, w)
+
+
+# ----------------------------------------------------------------------------- backward
+# State per direction: F = (o, pn, pd, dn, dd) of e^{k}(v, 1) with distance sums (for gw),
+# Q = (og, g1, g2) of e^{-logd}(gy, gy*y) (for the off-diagonal gk, gv). 8 values.
+@triton.autotune(configs=CONFIGS, key=AUTOTUNE_KEY)
+@triton.jit(do_not_specialize=["T", "NT", "CHUNK"])
+def biwkv4_bwd_summary_kernel(k_ptr, v_ptr, w_ptr, y_ptr, logd_ptr, gy_ptr, s_ptr,
+                              B, T, C, NT, CHUNK, BLOCK_C: tl.constexpr):
+    pid_b = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    ACC = s_ptr.dtype.element_ty
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = cols < C
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(ACC)
+    start = pid_n * CHUNK
+    n_loc = tl.minimum(CHUNK, T - start)
+    base = (pid_b.to(tl.int64) * T + start) * C
+    so = (pid_b.to(tl.int64) * NT + pid_n) * C + cols
+    st = B * NT * C
+    for d in range(0, 2):
+        o = tl.full([BLOCK_C], NEG, ACC)
+        pn = tl.zeros([BLOCK_C], ACC)
+        pd = tl.zeros([BLOCK_C], ACC)
+        dn = tl.zeros([BLOCK_C], ACC)
+        dd = tl.zeros([BLOCK_C], ACC)
+        og = tl.full([BLOCK_C], NEG, ACC)
+        g1 = tl.zeros([BLOCK_C], ACC)
+        g2 = tl.zeros([BLOCK_C], ACC)
+        for i in range(0, n_loc):
+            j = i + d * (n_loc - 1 - 2 * i)      # d = 0: forward, d = 1: backward
+            off = base + j * C + cols
+            k = tl.load(k_ptr + off, mask=mask, other=0.0).to(ACC)
+            v = tl.load(v_ptr + off, mask=mask, other=0.0).to(ACC)
+            y = tl.load(y_ptr + off, mask=mask, other=0.0).to(ACC)
+            ld = tl.load(logd_ptr + off, mask=mask, other=0.0).to(ACC)
+            gy = tl.load(gy_ptr + off, mask=mask, other=0.0).to(ACC)
+            o, pn, pd, dn, dd = _push_d(o, pn, pd, dn, dd, k, v, w)
+            og, g1, g2 = _push_q(og, g1, g2, -ld, gy, gy * y, w)
+        sd_ptr = s_ptr + d * 8 * st
+        tl.store(sd_ptr + so, o, mask=mask)
+        tl.store(sd_ptr + st + so, pn, mask=mask)
+        tl.store(sd_ptr + 2 * st + so, pd, mask=mask)
+        tl.store(sd_ptr + 3 * st + so, dn, mask=mask)
+        tl.store(sd_ptr + 4 * st + so, dd, mask=mask)
+        tl.store(sd_ptr + 5 * st + so, og, mask=mask)
+        tl.store(sd_ptr + 6 * st + so, g1, mask=mask)
+        tl.store(sd_ptr + 7 * st + so, g2, mask=mask)
+
+
+@triton.autotune(configs=CONFIGS, key=AUTOTUNE_KEY)
+@triton.jit(do_not_specialize=["T", "NT", "CHUNK"])
+def biwkv4_bwd_carry_kernel(w_ptr, s_ptr, c_ptr, B, T, C, NT, CHUNK,
+                            BLOCK_C: tl.constexpr):
+    pid_b = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    ACC = s_ptr.dtype.element_ty
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = cols < C
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(ACC)
+    st = B * NT * C
+    for d in range(0, 2):
+        sd_ptr = s_ptr + d * 8 * st
+        cd_ptr = c_ptr + d * 8 * st
+        o = tl.full([BLOCK_C], NEG, ACC)
+        pn = tl.zeros([BLOCK_C], ACC)
+        pd = tl.zeros([BLOCK_C], ACC)
+        dn = tl.zeros([BLOCK_C], ACC)
+        dd = tl.zeros([BLOCK_C], ACC)
+        og = tl.full([BLOCK_C], NEG, ACC)
+        g1 = tl.zeros([BLOCK_C], ACC)
+        g2 = tl.zeros([BLOCK_C], ACC)
+        for i in range(0, NT):
+            n = i + d * (NT - 1 - 2 * i)
+            so = (pid_b.to(tl.int64) * NT + n) * C + cols
+            tl.store(cd_ptr + so, o, mask=mask)
+            tl.store(cd_ptr + st + so, pn, mask=mask)
+            tl.store(cd_ptr + 2 * st + so, pd, mask=mask)
+            tl.store(cd_ptr + 3 * st + so, dn, mask=mask)
+            tl.store(cd_ptr + 4 * st + so, dd, mask=mask)
+            tl.store(cd_ptr + 5 * st + so, og, mask=mask)
+            tl.store(cd_ptr + 6 * st + so, g1, mask=mask)
+            tl.store(cd_ptr + 7 * st + so, g2, mask=mask)
+            ln = tl.minimum(CHUNK, T - n * CHUNK).to(ACC)
+            # decay the carry across this chunk (distances grow by ln), then add its total
+            o, pn, pd, dn, dd = _merge5(
+                o - ln * w, pn, pd, dn + ln * pn, dd + ln * pd,
+                tl.load(sd_ptr + so, mask=mask, other=NEG),
+                tl.load(sd_ptr + st + so, mask=mask, other=0.0),
+                tl.load(sd_ptr + 2 * st + so, mask=mask, other=0.0),
+                tl.load(sd_ptr + 3 * st + so, mask=mask, other=0.0),
+                tl.load(sd_ptr + 4 * st + so, mask=mask, other=0.0))
+            og, g1, g2 = _merge3(
+                og - ln * w, g1, g2,
+                tl.load(sd_ptr + 5 * st + so, mask=mask, other=NEG),
+                tl.load(sd_ptr + 6 * st + so, mask=mask, other=0.0),
+                tl.load(sd_ptr + 7 * st + so, mask=mask, other=0.0))
+
+
+@triton.autotune(configs=CONFIGS, key=AUTOTUNE_KEY)
+@triton.jit(do_not_specialize=["T", "NT", "CHUNK"])
+def biwkv4_bwd_kernel(k_ptr, v_ptr, w_ptr, u_ptr, y_ptr, logd_ptr, gy_ptr, gk_ptr, gv_ptr,
+                      gwp_ptr, gup_ptr, c_ptr, B, T, C, NT, CHUNK,
+                      HAS_CARRY: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Local backward pass over one chunk. Left-to-right: left parts of gk, gv (parked in
+    gk/gv), diagonal terms, gu and the left part of gw. Right-to-left: right parts, final
+    gk, gv, right part of gw. gw, gu partials go to (B, NT, C) buffers (summed by torch)."""
+    pid_b = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    ACC = gk_ptr.dtype.element_ty
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = cols < C
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(ACC)
+    u = tl.load(u_ptr + cols, mask=mask, other=0.0).to(ACC)
+    start = pid_n * CHUNK
+    n_loc = tl.minimum(CHUNK, T - start)
+    base = (pid_b.to(tl.int64) * T + start) * C
+    so = (pid_b.to(tl.int64) * NT + pid_n) * C + cols
+    st = B * NT * C
+    gw_acc = tl.zeros([BLOCK_C], ACC)
+    gu_acc = tl.zeros([BLOCK_C], ACC)
+    for d in range(0, 2):
+        cd_ptr = c_ptr + d * 8 * st
+        if HAS_CARRY:
+            o = tl.load(cd_ptr + so, mask=mask, other=NEG)
+            pn = tl.load(cd_ptr + st + so, mask=mask, other=0.0)
+            pd = tl.load(cd_ptr + 2 * st + so, mask=mask, other=0.0)
+            dn = tl.load(cd_ptr + 3 * st + so, mask=mask, other=0.0)
+            dd = tl.load(cd_ptr + 4 * st + so, mask=mask, other=0.0)
+            og = tl.load(cd_ptr + 5 * st + so, mask=mask, other=NEG)
+            g1 = tl.load(cd_ptr + 6 * st + so, mask=mask, other=0.0)
+            g2 = tl.load(cd_ptr + 7 * st + so, mask=mask, other=0.0)
+        else:
+            o = tl.full([BLOCK_C], NEG, ACC)
+            pn = tl.zeros([BLOCK_C], ACC)
+            pd = tl.zeros([BLOCK_C], ACC)
+            dn = tl.zeros([BLOCK_C], ACC)
+            dd = tl.zeros([BLOCK_C], ACC)
+            og = tl.full([BLOCK_C], NEG, ACC)
+            g1 = tl.zeros([BLOCK_C], ACC)
+            g2 = tl.zeros([BLOCK_C], ACC)
+        for i in range(0, n_loc):
+            j = i + d * (n_loc - 1 - 2 * i)
+            off = base + j * C + cols
+            k = tl.load(k_ptr + off, mask=mask, other=0.0).to(ACC)
+            v = tl.load(v_ptr + off, mask=mask, other=0.0).to(ACC)
+            y = tl.load(y_ptr + off, mask=mask, other=0.0).to(ACC)
+            ld = tl.load(logd_ptr + off, mask=mask, other=0.0).to(ACC)
+            gy = tl.load(gy_ptr + off, mask=mask, other=0.0).to(ACC)
+            # gw: -gy_t * sum_{i on this side} dist * p(t,i) * (v_i - y_t)
+            gw_acc -= gy * tl.exp(o - ld) * (dn - y * dd)
+            # off-diagonal gk, gv of element t from queries on this side
+            c = tl.exp(k + og)
+            gk = c * (v * g1 - g2)
+            gv = c * g1
+            if d == 0:
+                p = tl.exp(u + k - ld)
+                gvd = gy * p
+                gkd = gvd * (v - y)
+                gu_acc += gkd
+                gk += gkd
+                gv += gvd
+            else:
+                gk += tl.load(gk_ptr + off, mask=mask, other=0.0)
+                gv += tl.load(gv_ptr + off, mask=mask, other=0.0)
+            tl.store(gk_ptr + off, gk, mask=mask)
+            tl.store(gv_ptr + off, gv, mask=mask)
+            o, pn, pd, dn, dd = _push_d(o, pn, pd, dn, dd, k, v, w)
+            og, g1, g2 = _push_q(og, g1, g2, -ld, gy, gy * y, w)
+    tl.store(gwp_ptr + so, gw_acc, mask=mask)
+    tl.store(gup_ptr + so, gu_acc, mask=mask)
+
+
+KERNELS = {
+    "fwd_summary": biwkv4_fwd_summary_kernel,
+    "fwd_carry": biwkv4_fwd_carry_kernel,
+    "fwd": biwkv4_fwd_kernel,
+    "bwd_summary": biwkv4_bwd_summary_kernel,
+    "bwd_carry": biwkv4_bwd_carry_kernel,
+    "bwd": biwkv4_bwd_kernel,
+}
