@@ -21,7 +21,7 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-NEG = -1e30
+NEG = tl.constexpr(-1e30)
 
 # Autotune configs. Keys are static sizes only (C; pointer dtypes are part of triton's key);
 # never T or B. Under the interpreter a single config (several configs need a GPU driver).

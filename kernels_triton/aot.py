@@ -1,0 +1,139 @@
+"""Compile-only report of the Bi-WKV4 kernels: no GPU needed.
+
+    python -m kernels_triton.aot [--archs 80,90] [--dtypes fp32,bf16,fp16,fp64] [--max-configs N]
+
+Compiles every kernel for every autotune config, input dtype and target (sm_80, sm_90 by
+default) with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, runs the
+bundled ``cuobjdump --dump-resource-usage`` on each cubin and prints registers, shared memory,
+stack and spill (LOCAL) bytes. Exits 1 if any compile fails or any kernel spills.
+
+TRITON_INTERPRET must not be set for compilation; this module removes it from its own
+environment before importing the kernels (run it as its own process).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+_DT = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "fp64": "fp64"}
+
+
+def _cuobjdump() -> str:
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"cuobjdump not found at {path}")
+    return path
+
+
+def _signatures(in_dt: str):
+    """(kernel name, signature, extra constexprs) for every kernel and variant."""
+    acc = "fp64" if in_dt == "fp64" else "fp32"
+    p_in, p_acc, p_w = f"*{in_dt}", f"*{acc}", f"*{in_dt}"
+    ints = {"B": "i32", "T": "i32", "C": "i32", "NT": "i32", "CHUNK": "i32"}
+    out = []
+    out.append(("fwd_summary", {"k_ptr": p_in, "v_ptr": p_in, "w_ptr": p_w, "s_ptr": p_acc,
+                                **ints, "BLOCK_C": "constexpr"}, {}))
+    out.append(("fwd_carry", {"w_ptr": p_w, "s_ptr": p_acc, "c_ptr": p_acc, **ints,
+                              "BLOCK_C": "constexpr"}, {}))
+    for carry in (False, True):
+        out.append(("fwd", {"k_ptr": p_in, "v_ptr": p_in, "w_ptr": p_w, "u_ptr": p_w,
+                            "y_ptr": p_acc, "logd_ptr": p_acc, "c_ptr": p_acc, **ints,
+                            "HAS_CARRY": "constexpr", "BLOCK_C": "constexpr"},
+                    {"HAS_CARRY": carry}))
+    out.append(("bwd_summary", {"k_ptr": p_in, "v_ptr": p_in, "w_ptr": p_w, "y_ptr": p_acc,
+                                "logd_ptr": p_acc, "gy_ptr": p_in, "s_ptr": p_acc, **ints,
+                                "BLOCK_C": "constexpr"}, {}))
+    out.append(("bwd_carry", {"w_ptr": p_w, "s_ptr": p_acc, "c_ptr": p_acc, **ints,
+                              "BLOCK_C": "constexpr"}, {}))
+    for carry in (False, True):
+        out.append(("bwd", {"k_ptr": p_in, "v_ptr": p_in, "w_ptr": p_w, "u_ptr": p_w,
+                            "y_ptr": p_acc, "logd_ptr": p_acc, "gy_ptr": p_in, "gk_ptr": p_acc,
+                            "gv_ptr": p_acc, "gwp_ptr": p_acc, "gup_ptr": p_acc, "c_ptr": p_acc,
+                            **ints, "HAS_CARRY": "constexpr", "BLOCK_C": "constexpr"},
+                    {"HAS_CARRY": carry}))
+    return out
+
+
+def _resource_usage(cubin: bytes, tool: str) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        name = f.name
+    try:
+        txt = subprocess.run([tool, "--dump-resource-usage", name], capture_output=True,
+                             text=True, check=True).stdout
+    finally:
+        os.unlink(name)
+    res = {}
+    for key, pat in (("REG", r"REG:(\d+)"), ("SHARED", r"SHARED:(\d+)"),
+                     ("LOCAL", r"LOCAL:(\d+)"), ("STACK", r"STACK:(\d+)")):
+        m = re.search(pat, txt)
+        res[key] = int(m.group(1)) if m else None
+    return res
+
+
+def main(argv=None) -> int:
+    from . import _kernels as K
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--archs", default="80,90", help="comma-separated SM versions")
+    ap.add_argument("--dtypes", default="fp32,bf16,fp16,fp64", help="input dtypes")
+    ap.add_argument("--kernels", default=",".join(K.KERNELS), help="subset of kernels")
+    ap.add_argument("--max-configs", type=int, default=0, help="compile only the first N configs (0: all)")
+    args = ap.parse_args(argv)
+
+    tool = _cuobjdump()
+    archs = [int(a) for a in args.archs.split(",") if a]
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    wanted = set(args.kernels.split(","))
+    configs = K.CONFIGS[: args.max_configs] if args.max_configs else K.CONFIGS
+    print(f"triton {triton.__version__}; cuobjdump {tool}")
+    print("| kernel | variant | dtype | sm | BLOCK_C | warps | regs | shared B | stack B | spill (LOCAL) B | s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    failures, spills, n = [], [], 0
+    for dt in dtypes:
+        for name, sig, extra in _signatures(_DT[dt]):
+            if name not in wanted:
+                continue
+            fn = K.KERNELS[name].fn  # the JITFunction under the Autotuner
+            variant = ",".join(f"{k}={v}" for k, v in extra.items()) or "-"
+            for cfg in configs:
+                for arch in archs:
+                    const = {**extra, **cfg.kwargs}
+                    t0 = time.time()
+                    try:
+                        src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const)
+                        ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                            options={"num_warps": cfg.num_warps,
+                                                     "num_stages": cfg.num_stages})
+                        res = _resource_usage(ck.asm["cubin"], tool)
+                    except Exception as e:  # report and keep going
+                        failures.append(f"{name}[{variant}] {dt} sm_{arch} {cfg}: {type(e).__name__}: {e}")
+                        print(f"| {name} | {variant} | {dt} | {arch} | {cfg.kwargs.get('BLOCK_C')} | "
+                              f"{cfg.num_warps} | FAILED | | | | |")
+                        continue
+                    n += 1
+                    if res["LOCAL"] is None or res["LOCAL"] > 0:
+                        spills.append(f"{name}[{variant}] {dt} sm_{arch} {cfg}: LOCAL={res['LOCAL']}")
+                    print(f"| {name} | {variant} | {dt} | {arch} | {cfg.kwargs.get('BLOCK_C')} | "
+                          f"{cfg.num_warps} | {res['REG']} | {res['SHARED']} | {res['STACK']} | "
+                          f"{res['LOCAL']} | {time.time() - t0:.1f} |", flush=True)
+    print(f"\ncompiled {n} kernel variants, {len(failures)} failures, {len(spills)} with spills")
+    for f in failures:
+        print("FAILED:", f)
+    for s in spills:
+        print("SPILL:", s)
+    return 1 if failures or spills else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
