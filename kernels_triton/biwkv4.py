@@ -120,12 +120,17 @@ def _num_sms(device: torch.device) -> int:
     return 1
 
 
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
 def choose_strategy(B: int, T: int, C: int, dtype: torch.dtype, device: torch.device,
-                    tune_path: Path | None = None):
-    """Return (strategy, chunk) for a shape; see the module docstring."""
+                    tune_path: Path | None = None, n_sm: int | None = None):
+    """Return (strategy, chunk) for a shape; see the module docstring. ``n_sm`` overrides
+    the device's SM count (1 for the interpreter)."""
     data = _load_tune(Path(tune_path) if tune_path else DEFAULT_TUNE_PATH)
-    if data and device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
+    if data:
+        name = device_name(device)
         best, best_d = None, math.inf
         for e in data.get("entries", []):
             if e.get("device") != name or e.get("C") != C or e.get("dtype") != str(dtype):
@@ -135,7 +140,7 @@ def choose_strategy(B: int, T: int, C: int, dtype: torch.dtype, device: torch.de
                 best, best_d = e, d
         if best is not None and best_d < 1.0:
             return best["strategy"], int(best.get("chunk") or T)
-    n_sm = _num_sms(device)
+    n_sm = n_sm or _num_sms(device)
     seq_programs = B * -(-C // 64)
     if T <= 128 or seq_programs >= n_sm:
         return "sequential", T
