@@ -127,6 +127,20 @@ def test_omnishift_cache_follows_optimizer_steps():
         torch.testing.assert_close(y_eval, m.forward_train(x).detach(), rtol=1e-5, atol=1e-5)
 
 
+def test_omnishift_data_edits_need_mode_switch_or_invalidate():
+    # edits through .data bypass the version counter; eval() (and invalidate_reparam) drop the cache
+    m = randomize(OmniShift(4)).eval()
+    x = torch.randn(1, 4, 5, 5)
+    with torch.no_grad():
+        m(x)
+        m.alpha.data.mul_(2.0)
+        m.eval()
+        torch.testing.assert_close(m(x), m.forward_train(x), rtol=1e-5, atol=1e-5)
+        m.conv3x3.weight.data.mul_(-1.0)
+        m.invalidate_reparam()
+        torch.testing.assert_close(m(x), m.forward_train(x), rtol=1e-5, atol=1e-5)
+
+
 def test_omnishift_eval_mode_parameter_grads():
     m = randomize(OmniShift(4)).double()
     x = torch.randn(2, 4, 6, 3, dtype=torch.float64)
