@@ -1,0 +1,318 @@
+"""Command line: ``hpcm-triton`` / ``python -m hpcm_triton``.
+
+Subcommands: demo (the default), compress, decompress, train, evaluate, info.
+User errors (missing or unreadable files, corrupted or foreign bitstreams, bad checkpoints)
+print one line on stderr and exit with status 2; outputs are written atomically, so a failed
+command never leaves a partial file behind.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROG = "hpcm-triton"
+COMMANDS = ("demo", "compress", "decompress", "train", "evaluate", "info")
+ALL_MODELS = ("hpcm-base", "hpcm-large", "phase1", "phase2", "phase3", "phase4")
+DEMO_DEFAULT_SIZE = "tiny"
+UNTRAINED_NOTE = ("NOTE: weights are UNTRAINED (seeded deterministically from parameter names; no trained "
+                  "checkpoint ships), so bitrates and PSNR show the coding path works, not compression quality.")
+
+
+class UserError(Exception):
+    """A problem with the user's input: reported in one line, exit status 2."""
+
+
+def _user_errors():
+    from .entropy import BitstreamError
+    from .models.official import CheckpointMismatchError
+
+    return (UserError, BitstreamError, CheckpointMismatchError, ValueError, OSError)
+
+
+def _check_output(path: str) -> Path:
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"{path}: output directory {parent} does not exist")
+    if p.is_dir():
+        raise UserError(f"{path}: is a directory")
+    return p
+
+
+def _model(name: str, size: str, checkpoint: str | None, device: str = "cpu"):
+    """(model, name): from a checkpoint, else the seeded untrained model at ``size``."""
+    from .train import load_checkpoint, seeded_model
+
+    if checkpoint:
+        model, name, _ = load_checkpoint(checkpoint, name=name, device=device)
+        return model, name
+    return seeded_model(name, size).to(device), name.lower()
+
+
+def _n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _rwkv_modules(config) -> list[str]:
+    out = [f"attn_s{i + 1}" for i, c in enumerate(config.cells) if c == "rwkv"]
+    if config.fusion == "rwkv":
+        out.append("context_net")
+    if config.prior == "rwkv":
+        out += ["y_spatial_prior_s1_s2", "y_spatial_prior_s3"]
+    return out
+
+
+# ---------------------------------------------------------------- demo
+def cmd_demo(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from . import bitstream
+    from . import images as im
+
+    label, x = im.resolve_image(args.image)
+    H, W = x.shape[-2:]
+    print(f"hpcm-triton demo: image {label} ({H}×{W}), widths: {args.size} "
+          f"({'official' if args.size == 'full' else 'TINY test widths'}), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} CPU threads")
+    print(UNTRAINED_NOTE)
+    out_dir = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="hpcm-demo-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, ok = [], True
+    t_start = time.perf_counter()
+    for name in tqdm(args.models, desc="variants", file=sys.stderr, dynamic_ncols=True):
+        model, _ = _model(name, args.size, None)
+        with torch.no_grad():
+            fwd = model(x)
+        est_bits = sum(-torch.log2(v).sum().item() for v in fwd["likelihoods"].values())
+        path = out_dir / f"{label.rsplit('.', 1)[0]}.{name}.hpcm"
+        t0 = time.perf_counter()
+        comp = model.compress(x)
+        nbytes = bitstream.write(path, name, model, comp)
+        t1 = time.perf_counter()
+        x_hat = bitstream.decode(path, model, name)
+        t2 = time.perf_counter()
+        exact = torch.equal(x_hat, fwd["x_hat"].clamp(0, 1))
+        ok &= exact
+        file_bytes = os.path.getsize(path)
+        rows.append((name, _n_params(model), file_bytes, 8 * file_bytes / (H * W), est_bits / (H * W),
+                     im.psnr(x, x_hat), t1 - t0, t2 - t1, "yes" if exact else "NO"))
+    total = time.perf_counter() - t_start
+    head = ("model", "params", "file bytes", "bpp (file)", "bpp (est.)", "PSNR dB", "enc s", "dec s", "exact decode")
+    fmt = ("{}", "{:,}", "{:,}", "{:.4f}", "{:.4f}", "{:.2f}", "{:.2f}", "{:.2f}", "{}")
+    cells = [head] + [tuple(f.format(v) for f, v in zip(fmt, r)) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+    for j, c in enumerate(cells):
+        print("  ".join(s.rjust(w) if i else s.ljust(w) for i, (s, w) in enumerate(zip(c, widths))))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+    print(f"bpp (file) counts every byte of the .hpcm file (header included); bpp (est.) is −Σlog2(likelihoods)/pixels.")
+    print("exact decode: decompress(file) == forward(x)['x_hat'].clamp(0, 1), bit for bit.")
+    print(f"files in {out_dir}{'' if args.keep else ' (temporary)'}; total {total:.1f} s")
+    if not args.keep:
+        for p in out_dir.iterdir():
+            p.unlink()
+        out_dir.rmdir()
+    if not ok:
+        print(f"{PROG}: error: decoded image differs from the forward reconstruction", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------- compress / decompress
+def cmd_compress(args) -> int:
+    from . import bitstream
+    from . import images as im
+
+    out = _check_output(args.output)
+    x = im.load_image(args.input)
+    if min(x.shape[-2:]) < 64:
+        raise UserError(f"{args.input}: image is {x.shape[-2]}×{x.shape[-1]}, the models need at least 64×64")
+    model, name = _model(args.model, args.size, args.checkpoint, args.device)
+    t0 = time.perf_counter()
+    comp = model.compress(x.to(args.device))
+    n = bitstream.write(out, name, model, comp)
+    dt = time.perf_counter() - t0
+    H, W = x.shape[-2:]
+    print(f"{args.input} ({H}×{W}) → {out}: {n:,} bytes, {8 * n / (H * W):.4f} bpp, {name}"
+          f"{'' if args.checkpoint else f' ({args.size}, untrained seeded weights)'}, {dt:.2f} s")
+    return 0
+
+
+def cmd_decompress(args) -> int:
+    import torch
+
+    from . import bitstream
+    from . import images as im
+    from .models.seeded import seeded_init_
+    from .models.zoo import get_model
+
+    out = _check_output(args.output)
+    info = bitstream.read(args.input)
+    if args.checkpoint:
+        model, name = _model(info["model"], "full", args.checkpoint, args.device)
+    else:
+        name = info["model"]
+        model = seeded_init_(get_model(name, **dataclasses.asdict(info["config"]))).to(args.device).eval()
+        model.update(force=True)
+    bitstream.check(info, model, name)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        x_hat = model.decompress(info["strings"], info["shape"], image_size=info["image_size"])["x_hat"]
+    dt = time.perf_counter() - t0
+    im.save_image(x_hat.cpu(), out)
+    H, W = info["image_size"]
+    print(f"{args.input} → {out} ({H}×{W}), {name}, {dt:.2f} s")
+    return 0
+
+
+# ---------------------------------------------------------------- train / evaluate / info
+def cmd_train(args) -> int:
+    from .train import load_dataset, seeded_model, train
+
+    data = load_dataset(args.data)
+    model = seeded_model(args.model, args.size)
+    hist = train(model, data, lmbda=args.lmbda, steps=args.steps, batch_size=args.batch_size, crop=args.crop,
+                 lr=args.lr, rwkv_lr=args.rwkv_lr, grad_clip=args.grad_clip, device=args.device, out_dir=args.out,
+                 resume=args.resume, model_name=args.model, checkpoint_every=args.checkpoint_every, seed=args.seed)
+    if hist["step"]:
+        print(f"step {hist['step'][-1]}: loss {hist['loss'][-1]:.4f}, bpp {hist['bpp'][-1]:.4f}, "
+              f"PSNR {hist['psnr'][-1]:.2f} dB")
+    print(f"checkpoint: {Path(args.out) / 'checkpoint.pt'}; curves: {Path(args.out) / 'curves.png'}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate
+
+    res = evaluate(args.checkpoints or None, model_name=args.model, size=args.size, data=args.data,
+                   out_dir=args.out, name=args.name, device=args.device, max_images=args.max_images)
+    if not args.checkpoints:
+        print(UNTRAINED_NOTE)
+    r = res["results"]
+    print(f"{'point':<6} {'bpp':>8} {'PSNR':>8} {'MS-SSIM':>8} {'enc s':>7} {'dec s':>7}")
+    for i in range(len(r["bpp"])):
+        ms = r["ms-ssim-rgb"][i]
+        print(f"{i:<6} {r['bpp'][i]:>8.4f} {r['psnr-rgb'][i]:>8.2f} {'n/a' if ms is None else f'{ms:.4f}':>8} "
+              f"{r['encoding_time'][i]:>7.2f} {r['decoding_time'][i]:>7.2f}")
+    bd = res["bd_rate_vs_vtm"]
+    print(res["bd_rate_note"] if bd is None else f"BD-rate vs VTM: {bd:+.2f} % ({res['bd_rate_note']})")
+    print(f"wrote {res['files']['results']}, {res['files']['per_image']}, {res['files']['plot']}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    from .models.zoo import MODELS, get_model
+    from .train import size_overrides
+
+    print(f"hpcm-triton variants ({'official' if args.size == 'full' else 'TINY'} widths; parameter counts "
+          f"computed by building each model, torch {torch.__version__})")
+    rows = []
+    for name, cls in MODELS.items():
+        m = get_model(name, **size_overrides(args.size))
+        rows.append((name, f"{_n_params(m):,}", ", ".join(_rwkv_modules(m.config)) or "none",
+                     (cls.__doc__ or "").strip().splitlines()[0]))
+        del m
+    w = [max(len(r[i]) for r in rows + [("model", "params", "RWKV modules", "")]) for i in range(3)]
+    print(f"{'model':<{w[0]}}  {'params':>{w[1]}}  {'RWKV modules':<{w[2]}}  description")
+    for r in rows:
+        print(f"{r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:<{w[2]}}  {r[3]}")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog=PROG, description="HPCM learned image compression and its RWKV hybrids. "
+                                "Without a subcommand, runs the demo.")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
+
+    def common(sp, size_default="full", model=True):
+        if model:
+            sp.add_argument("--model", default="phase3", choices=ALL_MODELS, type=str.lower)
+        sp.add_argument("--size", default=size_default, choices=("tiny", "full"),
+                        help="tiny: small test widths (fast on CPU); full: the official widths")
+        sp.add_argument("--device", default="cpu")
+
+    d = sub.add_parser("demo", help="end-to-end run on a bundled photo, every variant (default command)")
+    d.add_argument("--image", default="chelsea", help="a bundled photo name (chelsea, astronaut, coffee, rocket, "
+                   "hubble, grace_hopper) or an image file")
+    d.add_argument("--models", nargs="+", default=list(ALL_MODELS), choices=ALL_MODELS, type=str.lower)
+    d.add_argument("--size", default=DEMO_DEFAULT_SIZE, choices=("tiny", "full"),
+                   help=f"model widths (default {DEMO_DEFAULT_SIZE})")
+    d.add_argument("--keep", metavar="DIR", help="keep the .hpcm files in DIR")
+    d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("compress", help="image file → .hpcm file")
+    c.add_argument("input")
+    c.add_argument("-o", "--output", required=True)
+    c.add_argument("--checkpoint", help="a training checkpoint or an official state_dict (else untrained seeded)")
+    common(c)
+    c.set_defaults(func=cmd_compress)
+
+    x = sub.add_parser("decompress", help=".hpcm file → image file (PNG)")
+    x.add_argument("input")
+    x.add_argument("-o", "--output", required=True)
+    x.add_argument("--checkpoint", help="the checkpoint that compressed the file (else the seeded model the "
+                   "file names)")
+    x.add_argument("--device", default="cpu")
+    x.set_defaults(func=cmd_decompress)
+
+    t = sub.add_parser("train", help="train a variant (λ·255²·MSE + bpp)")
+    common(t)
+    t.add_argument("--lmbda", type=float, default=0.0067)
+    t.add_argument("--data", default=None, help="a folder of images (default: the bundled photos)")
+    t.add_argument("--steps", type=int, default=1000)
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--crop", type=int, default=256)
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--rwkv-lr", type=float, default=5e-5)
+    t.add_argument("--grad-clip", type=float, default=1.0)
+    t.add_argument("--checkpoint-every", type=int, default=100)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--out", default="runs/train")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="RD evaluation with real bitstreams (CompressAI results JSON, RD plot)")
+    e.add_argument("checkpoints", nargs="*", help="checkpoints, one RD point each (none: the seeded untrained model)")
+    common(e)
+    e.add_argument("--data", default=None, help="a folder of images (default: the bundled photos)")
+    e.add_argument("--max-images", type=int, default=None)
+    e.add_argument("--name", default=None)
+    e.add_argument("--out", default="runs/eval")
+    e.set_defaults(func=cmd_evaluate)
+
+    i = sub.add_parser("info", help="variants, parameter counts, RWKV modules")
+    i.add_argument("--size", default="full", choices=("tiny", "full"))
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
+        argv.insert(0, "demo")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        msg = " ".join(str(e).split()) or e.__class__.__name__
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Images in and out, the bundled offline test photos, and the quality metrics.
+
+Tensors here are (1, 3, H, W) float32 in [0, 1] unless stated otherwise.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
+
+
+def _skimage(name: str):
+    def load():
+        import skimage.data
+
+        return getattr(skimage.data, name)()
+    return load
+
+
+def _grace_hopper():
+    import matplotlib.cbook
+
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+        from PIL import Image
+
+        return np.asarray(Image.open(f).convert("RGB"))
+
+
+# Natural photos that ship with installed packages, so demos and tests run offline.
+BUNDLED = {
+    "chelsea": _skimage("chelsea"),            # 300×451 cat
+    "astronaut": _skimage("astronaut"),        # 512×512
+    "coffee": _skimage("coffee"),              # 400×600
+    "rocket": _skimage("rocket"),              # 427×640
+    "hubble": _skimage("hubble_deep_field"),   # 872×1000
+    "grace_hopper": _grace_hopper,             # 600×512, matplotlib sample data (may be absent)
+}
+
+
+def from_uint8(a: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) or (H, W) uint8 array → (1, 3, H, W) float32 in [0, 1]."""
+    a = np.asarray(a)
+    if a.ndim == 2:
+        a = np.stack([a] * 3, -1)
+    if a.ndim != 3 or a.shape[2] not in (3, 4):
+        raise ValueError(f"expected an RGB image array (H, W, 3), got shape {a.shape}")
+    a = a[..., :3]
+    if a.dtype != np.uint8:
+        raise ValueError(f"expected uint8 pixels, got {a.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None].float().div_(255)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """(…, 3, H, W) float in [0, 1] → uint8 via round(x·255) clamped, as the official test does."""
+    return x.detach().float().mul(255).round().clamp_(0, 255).to(torch.uint8)
+
+
+def bundled_names(available_only: bool = True) -> list[str]:
+    if not available_only:
+        return list(BUNDLED)
+    out = []
+    for n in BUNDLED:
+        try:
+            BUNDLED[n]()
+            out.append(n)
+        except Exception:
+            pass
+    return out
+
+
+def bundled(name: str) -> torch.Tensor:
+    """A bundled photo by name → (1, 3, H, W). Raises ValueError for an unknown or missing one."""
+    if name not in BUNDLED:
+        raise ValueError(f"unknown bundled image {name!r}; choose from {', '.join(BUNDLED)}")
+    try:
+        return from_uint8(BUNDLED[name]())
+    except Exception as e:  # e.g. matplotlib without its sample data
+        raise ValueError(f"bundled image {name!r} is not available here: {e}") from None
+
+
+def load_image(path: str | os.PathLike) -> torch.Tensor:
+    """Read an image file (PNG, JPEG, … via Pillow) → (1, 3, H, W) float32 in [0, 1].
+
+    Raises FileNotFoundError for a missing file and ValueError for a file Pillow cannot read.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory, expected an image file")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            rgb = np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"{path}: not a readable image ({e.__class__.__name__}: {e})") from None
+    return from_uint8(rgb)
+
+
+def resolve_image(spec: str) -> tuple[str, torch.Tensor]:
+    """An existing file path, else a bundled photo name → (label, image)."""
+    if os.path.exists(spec) or spec not in BUNDLED:
+        return Path(spec).name, load_image(spec)
+    return spec, bundled(spec)
+
+
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """The image files (by suffix) directly inside ``folder``, sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not a directory")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise ValueError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to a temporary file next to ``path``, then rename: never a partial file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def save_image(x: torch.Tensor, path: str | os.PathLike) -> None:
+    """Save a (1, 3, H, W) or (3, H, W) image in [0, 1] (8-bit rounded); format from the suffix."""
+    import io
+
+    from PIL import Image
+
+    if x.dim() == 4:
+        if x.shape[0] != 1:
+            raise ValueError(f"save_image takes one image, got a batch of {x.shape[0]}")
+        x = x[0]
+    a = to_uint8(x).permute(1, 2, 0).cpu().numpy()
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: unknown image suffix; use .png")
+    buf = io.BytesIO()
+    Image.fromarray(a, "RGB").save(buf, format=fmt)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB between two images in [0, 1], after 8-bit rounding of both (official test)."""
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch: {tuple(a.shape)} vs {tuple(b.shape)}")
+    mse = (to_uint8(a).double() - to_uint8(b).double()).pow(2).mean().item()
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def ms_ssim(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """MS-SSIM (pytorch_msssim, data_range 255 on 8-bit-rounded images); None if the package
+    is missing or the image is too small for 5 scales (shorter side ≤ 160 px)."""
+    try:
+        from pytorch_msssim import ms_ssim as _ms_ssim
+    except ImportError:
+        return None
+    if min(a.shape[-2:]) <= 160:
+        return None
+    return float(_ms_ssim(to_uint8(a).float(), to_uint8(b).float(), data_range=255.0).mean())
