@@ -52,7 +52,7 @@ def from_uint8(a: np.ndarray) -> torch.Tensor:
     a = a[..., :3]
     if a.dtype != np.uint8:
         raise ValueError(f"expected uint8 pixels, got {a.dtype}")
-    return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None].float().div_(255)
+    return torch.from_numpy(np.array(a, copy=True, order="C")).permute(2, 0, 1)[None].float().div_(255)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

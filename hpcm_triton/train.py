@@ -229,7 +229,7 @@ def train(model, data, lmbda: float, steps: int, batch_size: int = 8, crop: int 
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
         step += 1
-        mse = float(terms["mse"])
+        mse = float(terms["mse"].detach())
         psnr = 10 * math.log10(1 / mse) if mse > 0 else float("inf")
         for k, v in (("step", step), ("loss", float(terms["loss"])), ("bpp", float(terms["bpp"])), ("psnr", psnr)):
             history[k].append(v)
