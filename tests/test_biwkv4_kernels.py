@@ -1,0 +1,313 @@
+"""Tests of the Triton Bi-WKV4 kernels (kernels_triton.biwkv4).
+
+On a machine without a GPU they run through Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 before anything imports triton kernels); with a GPU the same tests run on
+CUDA. Shapes are kept small: the interpreter costs ~1 ms per program per token step.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import Phase, example, given, settings, strategies as st
+
+import kernels_triton
+from kernels_triton import biwkv4
+from kernels_triton.biwkv4 import choose_strategy, poison_outputs
+import importlib
+kb = importlib.import_module("kernels_triton.biwkv4")  # the module (kernels_triton.biwkv4 is the function)
+from reference import biwkv4_naive, biwkv4_scan
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GRAD_NAMES = ("w", "u", "k", "v")
+
+
+def make_inputs(B, T, C, w_scale, k_scale=60.0, u_scale=3.0, dtype=torch.float64, seed=0,
+                device=DEV, requires_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.rand(C, generator=g, dtype=torch.float64) * 2 - 1) * w_scale / T
+    w[0] = w_scale / T
+    if C > 1:
+        w[1] = -w_scale / T
+    u = (torch.rand(C, generator=g, dtype=torch.float64) * 2 - 1) * u_scale
+    k = (torch.rand(B, T, C, generator=g, dtype=torch.float64) * 2 - 1) * k_scale
+    v = torch.randn(B, T, C, generator=g, dtype=torch.float64)
+    gy = torch.randn(B, T, C, generator=g, dtype=torch.float64)
+    ins = [x.to(device=device, dtype=dtype).requires_grad_(requires_grad) for x in (w, u, k, v)]
+    return ins, gy.to(device=device, dtype=dtype)
+
+
+def run(ins, gy, **kw):
+    y = biwkv4(*ins, backend="triton", **kw)
+    grads = torch.autograd.grad(y, ins, gy)
+    return y, grads
+
+
+def ref(ins, gy):
+    """float64 naive reference on the (dtype-rounded) inputs, on CPU."""
+    r = [x.detach().double().cpu().requires_grad_() for x in ins]
+    y = biwkv4_naive(*r)
+    grads = torch.autograd.grad(y, r, gy.double().cpu())
+    return y, grads
+
+
+def max_rel(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    den = b.abs().max()
+    err = (a - b).abs().max()
+    return 0.0 if err == 0 else (err / den).item()
+
+
+def rms_ratio(a, b, floor=0.0):
+    """FLA-style: RMS of the error over RMS of the reference (at least ``floor``)."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    err = (a - b).pow(2).mean().sqrt()
+    if err == 0:
+        return 0.0
+    return (err / b.pow(2).mean().sqrt().clamp_min(floor)).item()
+
+
+# per-dtype tolerances (RMS ratio) for y, (gk, gv, gu), gw; float64 uses max-relative 1e-10
+TOL = {
+    torch.float32: (2e-5, 2e-4, 5e-3),
+    torch.float16: (3e-3, 1e-2, 3e-2),
+    torch.bfloat16: (2e-2, 5e-2, 1e-1),
+}
+
+
+def assert_matches_reference(ins, gy, dtype, **kw):
+    y, grads = run(ins, gy, **kw)
+    assert y.dtype == dtype and y.shape == ins[2].shape
+    assert torch.isfinite(y).all()
+    for n, g, x in zip(GRAD_NAMES, grads, ins):
+        assert g.dtype == x.dtype and g.shape == x.shape, n
+        assert torch.isfinite(g).all(), n
+    y_r, g_r = ref(ins, gy)
+    if dtype == torch.float64:
+        assert max_rel(y, y_r) < 1e-10
+        for n, a, b in zip(GRAD_NAMES, grads, g_r):
+            assert max_rel(a, b) < 1e-10, n
+        return
+    ty, tg, tw = TOL[dtype]
+    assert rms_ratio(y, y_r) <= ty, f"y rms ratio {rms_ratio(y, y_r):.3g}"
+    for n, a, b in zip(GRAD_NAMES, grads, g_r):
+        tol = tw if n == "w" else tg
+        # gradients whose reference is ~0 (e.g. gw for tiny T) are judged on an absolute floor
+        assert rms_ratio(a, b, floor=1e-3) <= tol, f"g{n} rms ratio {rms_ratio(a, b):.3g}"
+
+
+# ----------------------------------------------------------------------------- properties
+@st.composite
+def cases(draw):
+    T = draw(st.sampled_from([1, 2, 15, 33, 257, 3, 5, 9, 24, 40]))
+    C = draw(st.sampled_from([1, 5, 640, 2, 3, 8, 70]))
+    B = draw(st.integers(1, 3))
+    if C == 640:        # keep B*T*C small under the interpreter
+        T, B = min(T, 2), 1
+    if T == 257:
+        B, C = 1, min(C, 2)
+    w_scale = draw(st.sampled_from([0.0, 0.1, 1.0, 10.0, 100.0, 1000.0]))
+    k_scale = draw(st.sampled_from([1.0, 10.0, 60.0]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]))
+    strategy = draw(st.sampled_from(["sequential", "chunked"]))
+    chunk = draw(st.sampled_from([1, 3, 8, 64])) if strategy == "chunked" else None
+    seed = draw(st.integers(0, 2**31 - 1))
+    return B, T, C, w_scale, k_scale, dtype, strategy, chunk, seed
+
+
+F32, F64, F16, BF16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
+
+
+# the shapes and extremes that must always be covered, then derandomized random draws
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
+          phases=[Phase.explicit, Phase.generate])
+@example((1, 2, 640, 1000.0, 60.0, F32, "chunked", 1, 1))
+@example((1, 1, 640, 10.0, 60.0, BF16, "sequential", None, 2))
+@example((1, 257, 2, 1000.0, 60.0, F32, "chunked", 64, 3))
+@example((1, 257, 1, 1000.0, 60.0, F64, "sequential", None, 4))
+@example((2, 33, 5, 1000.0, 60.0, F16, "chunked", 8, 5))
+@example((3, 15, 5, 100.0, 60.0, BF16, "sequential", None, 6))
+@example((2, 15, 1, 1000.0, 60.0, F64, "chunked", 3, 7))
+@example((1, 33, 5, 0.0, 60.0, F32, "sequential", None, 8))
+@example((2, 40, 70, 1.0, 10.0, F32, "chunked", 8, 9))
+@given(cases())
+def test_triton_matches_reference_property(case):
+    B, T, C, w_scale, k_scale, dtype, strategy, chunk, seed = case
+    ins, gy = make_inputs(B, T, C, w_scale, k_scale=k_scale, dtype=dtype, seed=seed)
+    assert_matches_reference(ins, gy, dtype, strategy=strategy, chunk=chunk)
+
+
+# ----------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("strategy,chunk", [("sequential", None), ("chunked", 8), ("chunked", 5)])
+@pytest.mark.parametrize("w_scale", [1.0, 1000.0])
+def test_fp64_exact_vs_naive(strategy, chunk, w_scale):
+    ins, gy = make_inputs(2, 33, 5, w_scale, seed=21)
+    assert_matches_reference(ins, gy, torch.float64, strategy=strategy, chunk=chunk)
+
+
+@pytest.mark.parametrize("strategy,chunk", [("sequential", None), ("chunked", 2)])
+def test_gradcheck_fp64(strategy, chunk):
+    ins, _ = make_inputs(1, 5, 2, 20.0, k_scale=3.0, seed=2)
+    f = lambda w, u, k, v: biwkv4(w, u, k, v, backend="triton", strategy=strategy, chunk=chunk)
+    assert torch.autograd.gradcheck(f, ins)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chunk", [1, 4, 7, 16])
+def test_chunked_matches_sequential(dtype, chunk):
+    ins, gy = make_inputs(2, 29, 3, 300.0, seed=chunk, dtype=dtype)
+    y_s, g_s = run(ins, gy, strategy="sequential")
+    y_c, g_c = run(ins, gy, strategy="chunked", chunk=chunk)
+    tol = 1e-12 if dtype == torch.float64 else 1e-4
+    assert max_rel(y_c, y_s) < tol
+    for n, a, b in zip(GRAD_NAMES, g_c, g_s):
+        assert max_rel(a, b) < (tol if n != "w" else 100 * tol), n
+
+
+def test_extreme_values_fp32_both_signs():
+    """|w| * T = 1e3 of either sign, |k| = 60: no inf/NaN, and close to the fp64 reference."""
+    for strategy, chunk in (("sequential", None), ("chunked", 16)):
+        ins, gy = make_inputs(1, 100, 4, 1000.0, k_scale=60.0, u_scale=20.0,
+                              dtype=torch.float32, seed=5)
+        assert_matches_reference(ins, gy, torch.float32, strategy=strategy, chunk=chunk)
+
+
+# ----------------------------------------------------------------------------- robustness
+@pytest.mark.parametrize("strategy,chunk", [("sequential", None), ("chunked", 4)])
+def test_backward_bitwise_deterministic(strategy, chunk):
+    ins, gy = make_inputs(3, 19, 70, 50.0, dtype=torch.float32, seed=9)
+    y1, g1 = run(ins, gy, strategy=strategy, chunk=chunk)
+    y2, g2 = run(ins, gy, strategy=strategy, chunk=chunk)
+    assert torch.equal(y1, y2)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+def test_poison_hook_poisons():
+    with poison_outputs():
+        x = kb._alloc((4,), torch.float32, DEV)
+    assert torch.isnan(x).all()
+
+
+@pytest.mark.parametrize("strategy,chunk", [("sequential", None), ("chunked", 3), ("chunked", 7)])
+def test_outputs_fully_written_nan_poisoned(strategy, chunk):
+    """Outputs and scratch come from torch.full(nan): any unwritten element would be NaN.
+    C = 70 spans two channel blocks with a ragged tail; T = 10 has a ragged last chunk."""
+    ins, gy = make_inputs(2, 10, 70, 5.0, dtype=torch.float32, seed=4)
+    with poison_outputs():
+        y, grads = run(ins, gy, strategy=strategy, chunk=chunk)
+    assert torch.isfinite(y).all()
+    for g in grads:
+        assert torch.isfinite(g).all()
+    y_r, g_r = ref(ins, gy)
+    assert rms_ratio(y, y_r) < 2e-5
+
+
+def test_strided_inputs():
+    ins, gy = make_inputs(2, 12, 6, 10.0, dtype=torch.float32, seed=8, requires_grad=False)
+    w, u, k, v = ins
+    # non-contiguous views: (B, C, T) storage transposed, every other channel of w, u
+    kt = k.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    vt = v.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    w2 = torch.stack([w, w], 1).reshape(-1)[::2].requires_grad_()
+    u2 = torch.stack([u, u], 1).reshape(-1)[::2].requires_grad_()
+    assert not kt.is_contiguous() and not w2.is_contiguous()
+    assert_matches_reference([w2, u2, kt, vt], gy, torch.float32, strategy="sequential")
+
+
+def test_mixed_param_dtype():
+    """fp32 w, u with bf16 k, v (as in autocast): gradients come back in each input's dtype."""
+    ins, gy = make_inputs(1, 9, 4, 10.0, dtype=torch.float32, seed=12)
+    k = ins[2].detach().bfloat16().requires_grad_()
+    v = ins[3].detach().bfloat16().requires_grad_()
+    y = biwkv4(ins[0], ins[1], k, v, backend="triton")
+    assert y.dtype == torch.bfloat16
+    gw, gu, gk, gv = torch.autograd.grad(y, [ins[0], ins[1], k, v], gy.bfloat16())
+    assert gw.dtype == torch.float32 and gk.dtype == torch.bfloat16
+
+
+def test_auto_and_torch_backends():
+    ins, gy = make_inputs(2, 7, 3, 10.0, dtype=torch.float32, seed=13, requires_grad=False)
+    y_t = biwkv4(*ins, backend="torch")
+    assert torch.equal(y_t, biwkv4_scan(*ins))
+    y_a = biwkv4(*ins)
+    if DEV == "cpu":
+        assert torch.equal(y_a, y_t)          # auto on CPU -> torch
+    else:
+        assert torch.equal(y_a, biwkv4(*ins, backend="triton"))
+
+
+# ----------------------------------------------------------------------------- errors
+def _bad_cases():
+    ins, _ = make_inputs(2, 4, 3, 1.0, dtype=torch.float32, requires_grad=False)
+    w, u, k, v = ins
+    yield "k must have shape", (w, u, k[0], v[0]), {}
+    yield "v must have shape", (w, u, k, v[:, :3]), {}
+    yield "w must have shape", (w[:2], u, k, v), {}
+    yield "u must have shape", (w, u.repeat(2), k, v), {}
+    yield "w must have shape", (w[None], u, k, v), {}
+    yield "k must be a floating", (w, u, k.long(), v), {}
+    yield "w must be a floating", (w.int(), u, k, v), {}
+    yield "v must have the dtype", (w, u, k, v.double()), {}
+    yield "backend must be", (w, u, k, v), {"backend": "cuda"}
+    yield "strategy must be", (w, u, k, v), {"strategy": "parallel"}
+    yield "chunk must be", (w, u, k, v), {"chunk": 0}
+    yield "k must have shape", (w, u, k[:, :0], v[:, :0]), {}
+    if torch.cuda.is_available():
+        yield "same device", (w.cpu(), u, k, v), {}
+    else:
+        yield "same device", (w.to("meta"), u, k, v), {}
+
+
+@pytest.mark.parametrize("match,args,kw", list(_bad_cases()))
+def test_bad_inputs_raise_value_error(match, args, kw):
+    with pytest.raises(ValueError, match=match):
+        biwkv4(*args, **kw)
+
+
+def test_triton_on_cpu_without_interpreter_raises():
+    code = (
+        "import torch\n"
+        "from kernels_triton import biwkv4\n"
+        "x = torch.zeros(1, 3, 2)\n"
+        "try:\n"
+        "    biwkv4(torch.zeros(2), torch.zeros(2), x, x, backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'TRITON_INTERPRET=1' in str(e) and \"backend='torch'\" in str(e), str(e)\n"
+        "    print('RAISED')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "RAISED" in r.stdout
+
+
+# ----------------------------------------------------------------------------- heuristic
+def test_strategy_heuristic(tmp_path):
+    cpu = torch.device("cpu")
+    none = tmp_path / "missing.json"
+    # 4K image, s3: B = 1, T = 34560, C = 640 on a 132-SM GPU -> chunked, many programs
+    s, ch = choose_strategy(1, 34560, 640, torch.float32, cpu, tune_path=none, n_sm=132)
+    assert s == "chunked" and 32 <= ch <= 1024 and 10 * (34560 // ch) >= 2 * 132
+    # batch of 256^2 crops: B = 8, T = 256 -> sequential already fills the GPU... or tiny T
+    assert choose_strategy(8, 16, 640, torch.float32, cpu, tune_path=none, n_sm=132)[0] == "sequential"
+    assert choose_strategy(32, 4096, 640, torch.float32, cpu, tune_path=none, n_sm=132)[0] == "sequential"
+    # an autotune JSON entry for this device wins
+    p = tmp_path / "tune.json"
+    p.write_text(json.dumps({"entries": [
+        {"device": "cpu", "B": 1, "T": 34560, "C": 640, "dtype": "torch.float32",
+         "strategy": "sequential", "chunk": 34560}]}))
+    assert choose_strategy(1, 34560, 640, torch.float32, cpu, tune_path=p, n_sm=132)[0] == "sequential"
+    # ... but not for another C
+    assert choose_strategy(1, 34560, 960, torch.float32, cpu, tune_path=p, n_sm=132)[0] == "chunked"
+
+
+def test_public_api():
+    assert kernels_triton.biwkv4 is biwkv4
+    doc = kb.biwkv4.__doc__
+    assert "l(t, i)" in doc and "(B, T, C)" in doc and "float64" in doc
