@@ -10,7 +10,7 @@ computed exactly in O(T) with two exclusive decayed scans in log space
 (y_t = (A_t + C_t + e^{u+k_t} v_t) / (B_t + D_t + e^{u+k_t})), never by subtraction.
 
 Backends: "triton" (CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 was set before
-this module was imported), "torch" (:func:`reference.biwkv4_scan`), "auto" (triton on CUDA
+the kernels (kernels_triton._kernels, imported lazily at the first Triton call) were imported), "torch" (:func:`reference.biwkv4_scan`), "auto" (triton on CUDA
 tensors, torch otherwise).
 
 Strategies of the Triton backend:
@@ -41,8 +41,6 @@ _BACKENDS = ("auto", "torch", "triton")
 _STRATEGIES = (None, "sequential", "chunked")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# Interpreter mode is fixed at import time, like triton itself.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _POISON = os.environ.get("HPCM_TRITON_NAN_POISON", "0") == "1"
 
 DEFAULT_TUNE_PATH = Path(os.environ.get(
@@ -259,7 +257,7 @@ def biwkv4(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
         backend = "triton" if k.is_cuda else "torch"
     if backend == "torch":
         return biwkv4_reference(w, u, k, v)
-    if not k.is_cuda and not _INTERPRET:
+    if not k.is_cuda and not _kernels().INTERPRET:  # fixed when the kernels were imported
         raise RuntimeError(
             "biwkv4(backend='triton') got CPU tensors, but Triton kernels need a CUDA device. "
             "Set TRITON_INTERPRET=1 before importing kernels_triton to run them through "
