@@ -36,6 +36,8 @@ else:
         triton.Config({"BLOCK_C": 128}, num_warps=4),
     ]
 AUTOTUNE_KEY = ["C"]
+# the local-pass kernels also key on the strategy (HAS_CARRY: chunked vs sequential)
+AUTOTUNE_KEY_LOCAL = ["C", "HAS_CARRY"]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -177,7 +179,7 @@ def biwkv4_fwd_carry_kernel(w_ptr, s_ptr, c_ptr, B, T, C, NT, CHUNK,
         o, pn, pd = _merge3(o - ln * w, pn, pd, o2, pn2, pd2)
 
 
-@triton.autotune(configs=CONFIGS, key=AUTOTUNE_KEY)
+@triton.autotune(configs=CONFIGS, key=AUTOTUNE_KEY_LOCAL)
 @triton.jit(do_not_specialize=["T", "NT", "CHUNK"])
 def biwkv4_fwd_kernel(k_ptr, v_ptr, w_ptr, u_ptr, y_ptr, logd_ptr, c_ptr,
                       B, T, C, NT, CHUNK, HAS_CARRY: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -337,7 +339,7 @@ def biwkv4_bwd_carry_kernel(w_ptr, s_ptr, c_ptr, B, T, C, NT, CHUNK,
                 tl.load(sd_ptr + 7 * st + so, mask=mask, other=0.0))
 
 
-@triton.autotune(configs=CONFIGS, key=AUTOTUNE_KEY)
+@triton.autotune(configs=CONFIGS, key=AUTOTUNE_KEY_LOCAL)
 @triton.jit(do_not_specialize=["T", "NT", "CHUNK"])
 def biwkv4_bwd_kernel(k_ptr, v_ptr, w_ptr, u_ptr, y_ptr, logd_ptr, gy_ptr, gk_ptr, gv_ptr,
                       gwp_ptr, gup_ptr, c_ptr, B, T, C, NT, CHUNK,
