@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One prepared GPU check of the Bi-WKV4 kernels (for a lent GPU box: torch + triton present,
+# no pip installs). Runs the kernel tests on the GPU, the benchmark and the autotuner, each
+# under a time limit (about 8 minutes in all), and ends with one markdown summary table.
+#   bash bench/gpu_check.sh            # logs go to ${OUT:-/tmp/hpcm_gpu_check}
+set -u
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET
+PY=${PYTHON:-python3}
+OUT=${OUT:-/tmp/hpcm_gpu_check}
+mkdir -p "$OUT"
+T0=$(date +%s)
+
+echo "== pytest (GPU) =="
+timeout 260 "$PY" -m pytest -q -p no:cacheprovider tests/test_biwkv4_reference.py \
+    tests/test_biwkv4_kernels.py tests/test_biwkv4_aot.py > "$OUT/pytest.txt" 2>&1
+RC_TEST=$?
+tail -n 15 "$OUT/pytest.txt"
+
+echo "== benchmark =="
+timeout 120 "$PY" bench/bench_biwkv4.py > "$OUT/bench.md" 2>&1
+RC_BENCH=$?
+cat "$OUT/bench.md"
+
+echo "== autotune =="
+timeout 100 "$PY" -m kernels_triton.autotune --B 1,8 --T 256,2160,8640,34560 --C 640,960 \
+    --chunks 128,256,512 --rep 10 --json "$OUT/biwkv4_autotune.json" > "$OUT/autotune.md" 2>&1
+RC_TUNE=$?
+cat "$OUT/autotune.md"
+
+ELAPSED=$(( $(date +%s) - T0 ))
+SUMMARY=$(grep -E "passed|failed|error" "$OUT/pytest.txt" | tail -n 1)
+"$PY" - "$RC_TEST" "$RC_BENCH" "$RC_TUNE" "$ELAPSED" "$SUMMARY" <<'PYEOF'
+import datetime, sys
+import torch
+try:
+    import triton
+    tv = triton.__version__
+except Exception as e:  # noqa: BLE001
+    tv = f"unavailable ({e})"
+rc_test, rc_bench, rc_tune, elapsed, summary = sys.argv[1:6]
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "NO GPU"
+st = lambda rc: "ok" if rc == "0" else ("TIMEOUT" if rc == "124" else f"FAILED (rc {rc})")
+print()
+print("| item | value |")
+print("|---|---|")
+print(f"| date | {datetime.datetime.now().isoformat(timespec='seconds')} |")
+print(f"| GPU | {gpu} |")
+print(f"| torch / triton | {torch.__version__} / {tv} |")
+print(f"| pytest tests/test_biwkv4* | {st(rc_test)}: {summary} |")
+print(f"| bench/bench_biwkv4.py | {st(rc_bench)} |")
+print(f"| python -m kernels_triton.autotune | {st(rc_tune)} |")
+print(f"| wall time | {elapsed} s |")
+PYEOF
+[ "$RC_TEST" = 0 ] && [ "$RC_BENCH" = 0 ] && [ "$RC_TUNE" = 0 ]
