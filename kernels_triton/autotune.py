@@ -84,6 +84,25 @@ def _cpu_check() -> int:
     return 1 if bad else 0
 
 
+def _write_json(path, entries, triton_version):
+    """Merge entries into the JSON (replacing same device/C/T/B/dtype) and write it."""
+    out = Path(os.path.expanduser(path))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = {}
+    if out.exists():
+        try:
+            old = json.loads(out.read_text())
+        except ValueError:
+            old = {}
+    new_keys = {(e["device"], e["C"], e["T"], e["B"], e["dtype"]) for e in entries}
+    keep = [e for e in old.get("entries", [])
+            if (e.get("device"), e.get("C"), e.get("T"), e.get("B"), e.get("dtype")) not in new_keys]
+    out.write_text(json.dumps({"version": 1, "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+                               "torch": torch.__version__, "triton": triton_version,
+                               "entries": keep + entries}, indent=1))
+    return out
+
+
 def _best_config(kernel):
     cfg = getattr(kernel, "best_config", None)
     if cfg is None:
@@ -106,6 +125,7 @@ def main(argv=None) -> int:
         return _cpu_check()
 
     import triton
+    import triton.testing
     from . import _kernels as K
 
     dev = torch.device("cuda")
@@ -115,6 +135,7 @@ def main(argv=None) -> int:
           "fwd+bwd ms | fwd+bwd GB/s | best |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     entries = []
+    out = Path(os.path.expanduser(args.json))
     for dname in args.dtype.split(","):
         dtype = _DT[dname]
         for C in _ints(args.C):
@@ -127,11 +148,14 @@ def main(argv=None) -> int:
                     for strategy, chunk in cands:
                         try:
                             params = [x.clone().requires_grad_() for x in ins]
-                            fwd = lambda: biwkv4(*params, backend="triton", strategy=strategy, chunk=chunk)
+                            run = lambda: biwkv4(*params, backend="triton", strategy=strategy, chunk=chunk)
+
+                            def fwd():
+                                with torch.no_grad():
+                                    run()
 
                             def fb():
-                                y = fwd()
-                                torch.autograd.grad(y, params, gy)
+                                torch.autograd.grad(run(), params, gy)
                             fb()  # triggers triton.autotune for every kernel
                             t_f = triton.testing.do_bench(fwd, warmup=5, rep=args.rep)
                             t_fb = triton.testing.do_bench(fb, warmup=5, rep=args.rep)
@@ -154,22 +178,9 @@ def main(argv=None) -> int:
                     entries.append({"device": name, "C": C, "T": T, "B": B, "dtype": str(dtype),
                                     "strategy": best[1], "chunk": best[2], "fwd_config": best[3],
                                     "bwd_config": best[4], "fwd_ms": best[5], "fwdbwd_ms": best[0]})
+                    out = _write_json(args.json, entries, triton.__version__)  # after every shape
                     del ins, gy
                     torch.cuda.empty_cache()
-    out = Path(os.path.expanduser(args.json))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    old = {}
-    if out.exists():
-        try:
-            old = json.loads(out.read_text())
-        except ValueError:
-            old = {}
-    keep = [e for e in old.get("entries", [])
-            if (e.get("device"), e.get("C"), e.get("T"), e.get("B"), e.get("dtype")) not in
-            {(e2["device"], e2["C"], e2["T"], e2["B"], e2["dtype"]) for e2 in entries}]
-    out.write_text(json.dumps({"version": 1, "written": time.strftime("%Y-%m-%d %H:%M:%S"),
-                               "torch": torch.__version__, "triton": triton.__version__,
-                               "entries": keep + entries}, indent=1))
     print(f"\nwrote {len(entries)} entries to {out}")
     return 0
 
