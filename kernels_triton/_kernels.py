@@ -120,7 +120,7 @@ def biwkv4_fwd_summary_kernel(k_ptr, v_ptr, w_ptr, s_ptr, B, T, C, NT, CHUNK,
         v = tl.load(v_ptr + off, mask=mask, other=0.0).to(ACC)
         o, pn, pd = _push(o, pn, pd, k, v, w)
     so = (pid_b.to(tl.int64) * NT + pid_n) * C + cols
-    st = B * NT * C
+    st = (B * NT * C).to(tl.int64)  # state-plane stride; up to 15 * st is added
     tl.store(s_ptr + so, o, mask=mask)
     tl.store(s_ptr + st + so, pn, mask=mask)
     tl.store(s_ptr + 2 * st + so, pd, mask=mask)
@@ -149,7 +149,7 @@ def biwkv4_fwd_carry_kernel(w_ptr, s_ptr, c_ptr, B, T, C, NT, CHUNK,
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = cols < C
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(ACC)
-    st = B * NT * C
+    st = (B * NT * C).to(tl.int64)  # state-plane stride; up to 15 * st is added
     o = tl.full([BLOCK_C], NEG, ACC)
     pn = tl.zeros([BLOCK_C], ACC)
     pd = tl.zeros([BLOCK_C], ACC)
@@ -197,7 +197,7 @@ def biwkv4_fwd_kernel(k_ptr, v_ptr, w_ptr, u_ptr, y_ptr, logd_ptr, c_ptr,
     n_loc = tl.minimum(CHUNK, T - start)
     base = (pid_b.to(tl.int64) * T + start) * C
     so = (pid_b.to(tl.int64) * NT + pid_n) * C + cols
-    st = B * NT * C
+    st = (B * NT * C).to(tl.int64)  # state-plane stride; up to 15 * st is added
     if HAS_CARRY:
         o = tl.load(c_ptr + so, mask=mask, other=NEG)
         pn = tl.load(c_ptr + st + so, mask=mask, other=0.0)
@@ -259,7 +259,7 @@ def biwkv4_bwd_summary_kernel(k_ptr, v_ptr, w_ptr, y_ptr, logd_ptr, gy_ptr, s_pt
     n_loc = tl.minimum(CHUNK, T - start)
     base = (pid_b.to(tl.int64) * T + start) * C
     so = (pid_b.to(tl.int64) * NT + pid_n) * C + cols
-    st = B * NT * C
+    st = (B * NT * C).to(tl.int64)  # state-plane stride; up to 15 * st is added
     for d in range(0, 2):
         o = tl.full([BLOCK_C], NEG, ACC)
         pn = tl.zeros([BLOCK_C], ACC)
@@ -300,7 +300,7 @@ def biwkv4_bwd_carry_kernel(w_ptr, s_ptr, c_ptr, B, T, C, NT, CHUNK,
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = cols < C
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(ACC)
-    st = B * NT * C
+    st = (B * NT * C).to(tl.int64)  # state-plane stride; up to 15 * st is added
     for d in range(0, 2):
         sd_ptr = s_ptr + d * 8 * st
         cd_ptr = c_ptr + d * 8 * st
@@ -359,7 +359,7 @@ def biwkv4_bwd_kernel(k_ptr, v_ptr, w_ptr, u_ptr, y_ptr, logd_ptr, gy_ptr, gk_pt
     n_loc = tl.minimum(CHUNK, T - start)
     base = (pid_b.to(tl.int64) * T + start) * C
     so = (pid_b.to(tl.int64) * NT + pid_n) * C + cols
-    st = B * NT * C
+    st = (B * NT * C).to(tl.int64)  # state-plane stride; up to 15 * st is added
     gw_acc = tl.zeros([BLOCK_C], ACC)
     gu_acc = tl.zeros([BLOCK_C], ACC)
     for d in range(0, 2):
