@@ -219,6 +219,7 @@ class BiWKV4Function(torch.autograd.Function):
         return y.to(k.dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
         w, u, k, v, y, logd = ctx.saved_tensors
         gy = gy.contiguous()
