@@ -9,9 +9,15 @@ Operator (Vision-RWKV Eq. 5), per batch b and channel c, tokens t = 0..T-1::
 computed exactly in O(T) with two exclusive decayed scans in log space
 (y_t = (A_t + C_t + e^{u+k_t} v_t) / (B_t + D_t + e^{u+k_t})), never by subtraction.
 
-Backends: "triton" (CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 was set before
-the kernels (kernels_triton._kernels, imported lazily at the first Triton call) were imported), "torch" (:func:`reference.biwkv4_scan`), "auto" (triton on CUDA
-tensors, torch otherwise).
+Backends: "triton" (CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 was set before the
+kernel module kernels_triton._kernels was imported; it is imported lazily at the first Triton
+call), "torch" (:func:`reference.biwkv4_scan`), "auto" (triton on CUDA tensors, torch otherwise).
+
+Autotuning: each kernel is a ``triton.autotune`` over BLOCK_C / num_warps keyed on C, the
+pointer dtypes and (local passes) the strategy, never on T or B; one config under the
+interpreter. ``python -m kernels_triton.autotune`` sweeps strategies and chunk lengths and
+writes the JSON read by :func:`choose_strategy` (strategy and chunk; BLOCK_C / num_warps are
+re-picked by triton.autotune on first use per key).
 
 Strategies of the Triton backend:
 * "sequential": one program per (b, BLOCK_C channels) walks all T tokens (left pass, right
