@@ -52,7 +52,9 @@ def from_uint8(a: np.ndarray) -> torch.Tensor:
     a = a[..., :3]
     if a.dtype != np.uint8:
         raise ValueError(f"expected uint8 pixels, got {a.dtype}")
-    return torch.from_numpy(np.array(a, copy=True, order="C")).permute(2, 0, 1)[None].float().div_(255)
+    # contiguous NCHW: a channels-last view makes convolutions pick other kernels, and then
+    # forward(x) and decompress differ in the last float bits
+    return torch.from_numpy(np.array(a, copy=True, order="C")).permute(2, 0, 1)[None].float().div_(255).contiguous()
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

@@ -165,3 +165,12 @@ def test_header_layout_is_documented(data):
     assert data[6:6 + n] == b"phase3"
     (ov_len,) = struct.unpack("<H", data[6 + n:8 + n])
     assert ov_len > 0  # TINY widths are recorded so a reader can rebuild the model
+
+
+def test_images_are_contiguous_nchw(tmp_path):
+    # a channels-last view makes forward and decompress round differently in g_s (see images.from_uint8)
+    x = im.bundled("chelsea")
+    assert x.shape == (1, 3, 300, 451) and x.is_contiguous() and x.dtype == torch.float32
+    im.save_image(x, tmp_path / "c.png")
+    y = im.load_image(tmp_path / "c.png")
+    assert y.is_contiguous() and torch.equal(x, y)
