@@ -55,6 +55,8 @@ def main(argv=None):
     ap.add_argument("--C", default="640,960")
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--quick", action="store_true", help="fewer shapes")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads (0: torch's default); 1 is steadier on a shared box")
     args = ap.parse_args(argv)
     gpu = torch.cuda.is_available()
     dev = torch.device("cuda" if gpu else "cpu")
@@ -73,8 +75,10 @@ def main(argv=None):
             shapes = [(1, 64), (1, 256)]
         methods = ["torch-scan", "naive"]
         naive_max_T = 256
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
-    name = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name = (torch.cuda.get_device_name() if gpu else
+            f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)")
     print(f"# Bi-WKV4 benchmark on {name}; torch {torch.__version__}; dtype {args.dtype}")
     if not gpu:
         print("No GPU: only the CPU paths (torch scan, naive) are timed; the Triton kernels are "

@@ -154,9 +154,10 @@ def biwkv4_scan(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tens
     B, T, C = k.shape
     dt = torch.float64
     wf, uf, kf, vf = (x.to(dt) for x in (w, u, k, v))
-    lA, rA = _excl_left(kf, vf, wf)
-    lC, rC = _excl_left(kf.flip(1), vf.flip(1), wf)
-    lC, rC = lC.flip(1), rC.flip(1)
+    # both directions in one batched call: the right scan is the left scan of the reversed tokens
+    l2, r2 = _excl_left(torch.cat([kf, kf.flip(1)]), torch.cat([vf, vf.flip(1)]), wf)
+    lA, rA = l2[:B], r2[:B]
+    lC, rC = l2[B:].flip(1), r2[B:].flip(1)
     ld = uf + kf
     M = torch.maximum(torch.maximum(lA, lC), ld).detach()
     eA = torch.exp(lA - M)
