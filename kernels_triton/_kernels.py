@@ -214,6 +214,8 @@ def biwkv4_fwd_kernel(k_ptr, v_ptr, w_ptr, u_ptr, y_ptr, logd_ptr, c_ptr,
         tl.store(logd_ptr + off, la, mask=mask)
         tl.store(y_ptr + off, ra, mask=mask)
         o, pn, pd = _push(o, pn, pd, k, v, w)
+    # the right-to-left pass reads what the left-to-right pass parked in y / logd
+    tl.debug_barrier()
     if HAS_CARRY:
         o = tl.load(c_ptr + 3 * st + so, mask=mask, other=NEG)
         pn = tl.load(c_ptr + 3 * st + st + so, mask=mask, other=0.0)
@@ -410,6 +412,8 @@ def biwkv4_bwd_kernel(k_ptr, v_ptr, w_ptr, u_ptr, y_ptr, logd_ptr, gy_ptr, gk_pt
             tl.store(gv_ptr + off, gv, mask=mask)
             o, pn, pd, dn, dd = _push_d(o, pn, pd, dn, dd, k, v, w)
             og, g1, g2 = _push_q(og, g1, g2, -ld, gy, gy * y, w)
+        # the right-to-left pass reads the partial gk / gv of the left-to-right pass
+        tl.debug_barrier()
     tl.store(gwp_ptr + so, gw_acc, mask=mask)
     tl.store(gup_ptr + so, gu_acc, mask=mask)
 
