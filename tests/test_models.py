@@ -265,3 +265,13 @@ def test_bad_stream_containers(coded):
     with pytest.raises(BitstreamError, match="image_size"):
         m.decompress([[y], [z]], enc["shape"], image_size=(1000, 10))
     assert torch.isfinite(m.decompress([[y], [z]], enc["shape"])["x_hat"]).all()  # the model still works
+
+
+def test_channels_last_input_codes_like_contiguous(chelsea):
+    m = tiny("phase1")
+    m.update()
+    x = chelsea[..., :200, :300]
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert m.compress(cl)["strings"] == m.compress(x)["strings"]
+    with torch.no_grad():
+        assert torch.equal(m(cl)["x_hat"].clamp(0, 1), m.decompress(m.compress(x))["x_hat"])

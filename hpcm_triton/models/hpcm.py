@@ -255,6 +255,11 @@ class HPCM(nn.Module):
         if not torch.isfinite(x).all():
             raise ValueError("x contains NaN or inf")
 
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        # Contiguous NCHW on every path: convolutions on channels-last tensors round
+        # differently, and the decoder (which starts from z) must see the encoder's numbers.
+        return pad_centered(x, self.config.pad_multiple).contiguous()
+
     def forward(self, x: torch.Tensor, training: bool | None = None) -> dict:
         """x (B, 3, H, W) → {"x_hat": (B, 3, H, W), "likelihoods": {"y", "z"}} (on the padded latents).
 
@@ -264,7 +269,7 @@ class HPCM(nn.Module):
         self._check_input(x)
         training = self.training if training is None else training
         size = x.shape[-2:]
-        x = pad_centered(x, self.config.pad_multiple)
+        x = self._prepare(x)
         y = self.g_a(x)
         z = self.h_a(y)
         z_res = z - self.means_hyper
@@ -287,7 +292,7 @@ class HPCM(nn.Module):
         self._check_input(x)
         tables = self._cdf_tables()
         size = tuple(x.shape[-2:])
-        x = pad_centered(x, self.config.pad_multiple)
+        x = self._prepare(x)
         y = self.g_a(x)
         z = self.h_a(y)
         z_res_hat = torch.round(z - self.means_hyper)
