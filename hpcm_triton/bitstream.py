@@ -25,7 +25,7 @@ import dataclasses
 import hashlib
 import io
 import json
-import os  # noqa: F401  (os.PathLike in annotations)
+import os
 import struct
 import zlib
 from pathlib import Path

@@ -102,7 +102,7 @@ def plot_rd(results: dict, path: str | os.PathLike, data_label: str) -> None:
     ax.set_ylabel("PSNR-RGB (dB)")
     ax.set_title("Rate–distortion (published points are Kodak; ours are the images evaluated)", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

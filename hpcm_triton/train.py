@@ -14,7 +14,6 @@ import dataclasses
 import json
 import math
 import os
-import random
 import tempfile
 from pathlib import Path
 
@@ -231,7 +230,8 @@ def train(model, data, lmbda: float, steps: int, batch_size: int = 8, crop: int 
         step += 1
         mse = float(terms["mse"].detach())
         psnr = 10 * math.log10(1 / mse) if mse > 0 else float("inf")
-        for k, v in (("step", step), ("loss", float(terms["loss"])), ("bpp", float(terms["bpp"])), ("psnr", psnr)):
+        for k, v in (("step", step), ("loss", float(terms["loss"].detach())),
+                     ("bpp", float(terms["bpp"].detach())), ("psnr", psnr)):
             history[k].append(v)
         bar.update(1)
         bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", bpp=f"{history['bpp'][-1]:.3f}", psnr=f"{psnr:.2f}")
