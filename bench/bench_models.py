@@ -8,17 +8,20 @@ Weights are the seeded untrained ones: time and memory do not depend on training
     python bench/bench_models.py --size full --models hpcm-base phase2 phase3 --sides 256
     python bench/bench_models.py --device cuda --size full --models all
 
-Peak memory of one call: CUDA ``max_memory_allocated`` (tensors only); CPU: the process's RSS
-sampled every 2 ms by a thread (psutil) during the call, minus the RSS just before it
-(torch's CPU allocator is invisible to tracemalloc). Short CPU peaks can be missed, and memory
-freed by an earlier variant is reused without RSS growth: for clean CPU numbers run one variant
-and one size per process (``--models phase3 --sides 512``).
+Peak memory of one call: CUDA ``max_memory_allocated`` (tensors only) above what was allocated
+before it; CPU: the process's RSS sampled every 2 ms by a thread (psutil) during the call, minus
+the RSS once the model is built
+(torch's CPU allocator is invisible to tracemalloc). Short CPU peaks can be missed. Memory freed
+by an earlier run would be reused without RSS growth, so each (variant, size) runs in its own
+subprocess unless ``--no-isolate``.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import gc
+import json
+import subprocess
 import platform
 import statistics
 import sys
@@ -38,14 +41,17 @@ from hpcm_triton.train import seeded_model  # noqa: E402
 class _RssPeak:
     """Context manager: peak RSS growth (MiB) of this process while inside."""
 
-    def __init__(self):
+    def __init__(self, base: int | None = None):
         import psutil
 
         self.proc = psutil.Process()
+        self.base = base
 
     def __enter__(self):
         gc.collect()
-        self.base = self.peak = self.proc.memory_info().rss
+        rss = self.proc.memory_info().rss
+        self.peak = rss
+        self.base = rss if self.base is None else self.base
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
@@ -81,8 +87,8 @@ def _time(fn, dev, repeats: int) -> float:
     return statistics.median(ts)
 
 
-def _peak(fn, dev) -> float:
-    """Peak memory (MiB) of one call of ``fn``."""
+def _peak(fn, dev, base_rss: int | None = None) -> float:
+    """Peak memory (MiB) of one call of ``fn``, above ``base_rss`` on CPU (default: RSS before the call)."""
     if dev.type == "cuda":
         _sync(dev)
         torch.cuda.empty_cache()
@@ -91,7 +97,7 @@ def _peak(fn, dev) -> float:
         fn()
         _sync(dev)
         return (torch.cuda.max_memory_allocated(dev) - base) / 2 ** 20
-    with _RssPeak() as m:
+    with _RssPeak(base_rss) as m:
         fn()
     return m.mib
 
@@ -108,17 +114,22 @@ def _image(side: int) -> torch.Tensor:
 def bench(name: str, size: str, sides: list[int], dev: torch.device, repeats: int) -> list[dict]:
     model = seeded_model(name, size).to(dev)
     params = sum(p.numel() for p in model.parameters())
+    gc.collect()
+    base_rss = None if dev.type == "cuda" else _RssPeak().proc.memory_info().rss  # model loaded, nothing run
     rows = []
     for side in sides:
         x = _image(side).to(dev)
+        # memory first, on cold calls: the numbers are peaks above the loaded model
+        mem = {k: _peak(fn, dev, base_rss) for k, fn in (("fwd", lambda: model(x)), ("enc", lambda: model.compress(x)))}
         comp = model.compress(x)
+        mem["dec"] = _peak(lambda: model.decompress(comp), dev, base_rss)
         exact = torch.equal(model.decompress(comp)["x_hat"], model(x)["x_hat"].clamp(0, 1))
         row = {"model": name, "side": side, "params": params, "exact": exact,
                "bpp": 8 * sum(len(s) for ss in comp["strings"] for s in ss) / side ** 2}
         for key, fn in (("fwd", lambda: model(x)), ("enc", lambda: model.compress(x)),
                         ("dec", lambda: model.decompress(comp))):
             row[key] = _time(fn, dev, repeats)
-            row[key + "_mem"] = _peak(fn, dev)
+            row[key + "_mem"] = mem[key]
         rows.append(row)
     del model
     gc.collect()
@@ -134,21 +145,41 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-isolate", action="store_true", help="run everything in this process")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.worker:  # one (model, side) in a fresh process: print its row as JSON
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        print(json.dumps(bench(args.models[0], args.size, args.sides, torch.device(args.device), args.repeats)))
+        return 0
     models = list(ALL_MODELS) if args.models == ["all"] else [m.lower() for m in args.models]
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     machine = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
     t0 = time.perf_counter()
-    rows = [r for m in models for r in bench(m, args.size, args.sides, dev, args.repeats)]
+    if args.no_isolate:
+        rows = [r for m in models for r in bench(m, args.size, args.sides, dev, args.repeats)]
+    else:
+        rows = []
+        for m in models:
+            for side in args.sides:
+                cmd = [sys.executable, __file__, "--worker", "--models", m, "--size", args.size, "--sides", str(side),
+                       "--device", args.device, "--repeats", str(args.repeats)]
+                if args.threads:
+                    cmd += ["--threads", str(args.threads)]
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode:
+                    sys.exit(f"benchmark of {m} at {side}² failed:\n{out.stderr}")
+                rows += json.loads(out.stdout.strip().splitlines()[-1])
 
     mem = "CUDA allocated" if dev.type == "cuda" else "RSS growth"
     print(f"### hpcm-triton model benchmark, {datetime.datetime.now().isoformat(timespec='seconds')}\n")
     print(f"machine: {machine}, {platform.system()} {platform.release()}, device {dev}, "
           f"{torch.get_num_threads()} CPU threads; torch {torch.__version__}; python {platform.python_version()}  ")
     print(f"widths: {args.size}; weights: seeded, untrained; image: skimage astronaut resized; time: median of "
-          f"{args.repeats} after 1 warm-up; peak memory: {mem} during one call, MiB\n")
+          f"{args.repeats} after 1 warm-up; peak memory: {mem} during one call above the loaded model, MiB\n")
     print("| model | image | params | forward s | compress s | decompress s | fwd MiB | enc MiB | dec MiB "
           "| bpp (untrained) | exact decode |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
