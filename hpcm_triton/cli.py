@@ -112,6 +112,7 @@ def cmd_demo(args) -> int:
         if j == 0:
             print("  ".join("-" * w for w in widths))
     print(f"bpp (file) counts every byte of the .hpcm file (header included); bpp (est.) is −Σlog2(likelihoods)/pixels.")
+    print("enc s: compress + write the file; dec s: read + check fingerprints + decompress (wall time).")
     print("exact decode: decompress(file) == forward(x)['x_hat'].clamp(0, 1), bit for bit.")
     print(f"files in {out_dir}{'' if args.keep else ' (temporary)'}; total {total:.1f} s")
     if not args.keep:
