@@ -17,14 +17,7 @@ from hpcm_triton.models.config import PRESETS
 from hpcm_triton.train import seeded_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # TINY models gain nothing from a second thread; on a shared 2-core box spinning OpenMP
-    # threads slow them down many times over. Restored for other test modules.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,7 @@ from hpcm_triton.evaluate import bd_rate_vs_vtm, evaluate, published_points
 from hpcm_triton.train import RandomCrops, load_checkpoint, rd_loss, seeded_model, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # TINY models gain nothing from a second thread, and on a shared 2-core machine OpenMP's
-    # spinning threads slow them down many times over; restored for other test modules.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
