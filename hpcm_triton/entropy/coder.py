@@ -12,10 +12,23 @@ error. Two measures keep ``decompress`` honest:
 """
 from __future__ import annotations
 
+import importlib
 import multiprocessing as mp
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+
+
+def compressai_ext(name: str):
+    """compressai's C++ extension ``name`` ("ans" or "_CXX"), imported on first use.
+
+    Importing compressai pulls in its whole package, which scripts a few functions and makes
+    torch print a deprecation warning that is not ours to act on.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
+        return importlib.import_module(f"compressai.{name}")
 
 
 class BitstreamError(ValueError):
@@ -38,9 +51,7 @@ class CdfTables:
 
 def encode(chunks: list[tuple[np.ndarray, np.ndarray, CdfTables]]) -> bytes:
     """One rANS stream from (symbols, indexes, tables) chunks, in order."""
-    from compressai.ans import BufferedRansEncoder
-
-    enc = BufferedRansEncoder()
+    enc = compressai_ext("ans").BufferedRansEncoder()
     for symbols, indexes, tables in chunks:
         enc.encode_with_indexes(
             np.asarray(symbols).reshape(-1).astype(np.int32).tolist(),
@@ -51,11 +62,9 @@ def encode(chunks: list[tuple[np.ndarray, np.ndarray, CdfTables]]) -> bytes:
 
 
 def _worker(conn, streams, tables):
-    from compressai.ans import RansDecoder
-
     decoders = []
     for s in streams:
-        d = RansDecoder()
+        d = compressai_ext("ans").RansDecoder()
         d.set_stream(s)
         decoders.append(d)
     while True:
@@ -98,11 +107,9 @@ class DecodeSession:
             self._proc.start()
             child.close()
         else:  # no fork (Windows): decode in-process; the re-encode check still catches corruption
-            from compressai.ans import RansDecoder
-
             self._decoders = []
             for s in self.streams:
-                d = RansDecoder()
+                d = compressai_ext("ans").RansDecoder()
                 # zero tail: a truncated stream reads zeros instead of foreign memory
                 d.set_stream(bytes(s) + bytes(1 << 16))
                 self._decoders.append(d)

@@ -90,8 +90,9 @@ class GeneralizedGaussian(nn.Module):
         length comes from the float64 product of the float32 scale with the tail quantile,
         the pmf is evaluated in float32, and the tail mass is folded into one escape symbol.
         """
-        from compressai._CXX import pmf_to_quantized_cdf
+        from .coder import compressai_ext
 
+        pmf_to_quantized_cdf = compressai_ext("_CXX").pmf_to_quantized_cdf
         scales = self.scale_lower_bound(scales.detach().float().cpu().reshape(-1))
         multiplier = -float(scipy.stats.gennorm.ppf(TAIL_MASS / 2, float(self.beta)))
         pmf_center = torch.ceil(scales.double() * multiplier).int()
