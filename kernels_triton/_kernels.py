@@ -94,6 +94,47 @@ def _lr(o, pn, pd):
     return o + tl.log(pd1), pn / pd1
 
 
+# State planes: a state of n values for (b, chunk, c) lives at ptr + i * st + so, i < n.
+@triton.jit
+def _empty3(like):
+    """An empty (o, pn, pd) state shaped and typed like ``like``."""
+    z = tl.zeros_like(like)
+    return z + NEG, z, z
+
+
+@triton.jit
+def _empty5(like):
+    z = tl.zeros_like(like)
+    return z + NEG, z, z, z, z
+
+
+@triton.jit
+def _load3(ptr, so, st, mask):
+    return (tl.load(ptr + so, mask=mask, other=NEG), tl.load(ptr + st + so, mask=mask, other=0.0),
+            tl.load(ptr + 2 * st + so, mask=mask, other=0.0))
+
+
+@triton.jit
+def _load5(ptr, so, st, mask):
+    o, pn, pd = _load3(ptr, so, st, mask)
+    return (o, pn, pd, tl.load(ptr + 3 * st + so, mask=mask, other=0.0),
+            tl.load(ptr + 4 * st + so, mask=mask, other=0.0))
+
+
+@triton.jit
+def _store3(ptr, so, st, mask, o, pn, pd):
+    tl.store(ptr + so, o, mask=mask)
+    tl.store(ptr + st + so, pn, mask=mask)
+    tl.store(ptr + 2 * st + so, pd, mask=mask)
+
+
+@triton.jit
+def _store5(ptr, so, st, mask, o, pn, pd, dn, dd):
+    _store3(ptr, so, st, mask, o, pn, pd)
+    tl.store(ptr + 3 * st + so, dn, mask=mask)
+    tl.store(ptr + 4 * st + so, dd, mask=mask)
+
+
 # ----------------------------------------------------------------------------- forward
 @triton.autotune(configs=CONFIGS, key=AUTOTUNE_KEY)
 @triton.jit(do_not_specialize=["T", "NT", "CHUNK"])
@@ -111,9 +152,7 @@ def biwkv4_fwd_summary_kernel(k_ptr, v_ptr, w_ptr, s_ptr, B, T, C, NT, CHUNK,
     start = pid_n * CHUNK
     n_loc = tl.minimum(CHUNK, T - start)
     base = (pid_b.to(tl.int64) * T + start) * C
-    o = tl.full([BLOCK_C], NEG, ACC)
-    pn = tl.zeros([BLOCK_C], ACC)
-    pd = tl.zeros([BLOCK_C], ACC)
+    o, pn, pd = _empty3(w)
     for i in range(0, n_loc):
         off = base + i * C + cols
         k = tl.load(k_ptr + off, mask=mask, other=0.0).to(ACC)
@@ -121,20 +160,14 @@ def biwkv4_fwd_summary_kernel(k_ptr, v_ptr, w_ptr, s_ptr, B, T, C, NT, CHUNK,
         o, pn, pd = _push(o, pn, pd, k, v, w)
     so = (pid_b.to(tl.int64) * NT + pid_n) * C + cols
     st = (B * NT * C).to(tl.int64)  # state-plane stride; up to 15 * st is added
-    tl.store(s_ptr + so, o, mask=mask)
-    tl.store(s_ptr + st + so, pn, mask=mask)
-    tl.store(s_ptr + 2 * st + so, pd, mask=mask)
-    o = tl.full([BLOCK_C], NEG, ACC)
-    pn = tl.zeros([BLOCK_C], ACC)
-    pd = tl.zeros([BLOCK_C], ACC)
+    _store3(s_ptr, so, st, mask, o, pn, pd)
+    o, pn, pd = _empty3(w)
     for i in range(0, n_loc):
         off = base + (n_loc - 1 - i) * C + cols
         k = tl.load(k_ptr + off, mask=mask, other=0.0).to(ACC)
         v = tl.load(v_ptr + off, mask=mask, other=0.0).to(ACC)
         o, pn, pd = _push(o, pn, pd, k, v, w)
-    tl.store(s_ptr + 3 * st + so, o, mask=mask)
-    tl.store(s_ptr + 3 * st + st + so, pn, mask=mask)
-    tl.store(s_ptr + 3 * st + 2 * st + so, pd, mask=mask)
+    _store3(s_ptr + 3 * st, so, st, mask, o, pn, pd)
 
 
 @triton.autotune(configs=CONFIGS, key=AUTOTUNE_KEY)
@@ -150,33 +183,15 @@ def biwkv4_fwd_carry_kernel(w_ptr, s_ptr, c_ptr, B, T, C, NT, CHUNK,
     mask = cols < C
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(ACC)
     st = (B * NT * C).to(tl.int64)  # state-plane stride; up to 15 * st is added
-    o = tl.full([BLOCK_C], NEG, ACC)
-    pn = tl.zeros([BLOCK_C], ACC)
-    pd = tl.zeros([BLOCK_C], ACC)
-    for n in range(0, NT):
-        so = (pid_b.to(tl.int64) * NT + n) * C + cols
-        tl.store(c_ptr + so, o, mask=mask)
-        tl.store(c_ptr + st + so, pn, mask=mask)
-        tl.store(c_ptr + 2 * st + so, pd, mask=mask)
-        ln = tl.minimum(CHUNK, T - n * CHUNK).to(ACC)
-        o2 = tl.load(s_ptr + so, mask=mask, other=NEG)
-        pn2 = tl.load(s_ptr + st + so, mask=mask, other=0.0)
-        pd2 = tl.load(s_ptr + 2 * st + so, mask=mask, other=0.0)
-        o, pn, pd = _merge3(o - ln * w, pn, pd, o2, pn2, pd2)
-    o = tl.full([BLOCK_C], NEG, ACC)
-    pn = tl.zeros([BLOCK_C], ACC)
-    pd = tl.zeros([BLOCK_C], ACC)
-    for i in range(0, NT):
-        n = NT - 1 - i
-        so = (pid_b.to(tl.int64) * NT + n) * C + cols
-        tl.store(c_ptr + 3 * st + so, o, mask=mask)
-        tl.store(c_ptr + 3 * st + st + so, pn, mask=mask)
-        tl.store(c_ptr + 3 * st + 2 * st + so, pd, mask=mask)
-        ln = tl.minimum(CHUNK, T - n * CHUNK).to(ACC)
-        o2 = tl.load(s_ptr + 3 * st + so, mask=mask, other=NEG)
-        pn2 = tl.load(s_ptr + 3 * st + st + so, mask=mask, other=0.0)
-        pd2 = tl.load(s_ptr + 3 * st + 2 * st + so, mask=mask, other=0.0)
-        o, pn, pd = _merge3(o - ln * w, pn, pd, o2, pn2, pd2)
+    for d in range(0, 2):  # d = 0: left carries, chunks in order; d = 1: right carries, reversed
+        o, pn, pd = _empty3(w)
+        for i in range(0, NT):
+            n = i + d * (NT - 1 - 2 * i)
+            so = (pid_b.to(tl.int64) * NT + n) * C + cols
+            _store3(c_ptr + d * 3 * st, so, st, mask, o, pn, pd)
+            ln = tl.minimum(CHUNK, T - n * CHUNK).to(ACC)
+            o2, pn2, pd2 = _load3(s_ptr + d * 3 * st, so, st, mask)
+            o, pn, pd = _merge3(o - ln * w, pn, pd, o2, pn2, pd2)
 
 
 @triton.autotune(configs=CONFIGS, key=AUTOTUNE_KEY_LOCAL)
@@ -199,13 +214,9 @@ def biwkv4_fwd_kernel(k_ptr, v_ptr, w_ptr, u_ptr, y_ptr, logd_ptr, c_ptr,
     so = (pid_b.to(tl.int64) * NT + pid_n) * C + cols
     st = (B * NT * C).to(tl.int64)  # state-plane stride; up to 15 * st is added
     if HAS_CARRY:
-        o = tl.load(c_ptr + so, mask=mask, other=NEG)
-        pn = tl.load(c_ptr + st + so, mask=mask, other=0.0)
-        pd = tl.load(c_ptr + 2 * st + so, mask=mask, other=0.0)
+        o, pn, pd = _load3(c_ptr, so, st, mask)
     else:
-        o = tl.full([BLOCK_C], NEG, ACC)
-        pn = tl.zeros([BLOCK_C], ACC)
-        pd = tl.zeros([BLOCK_C], ACC)
+        o, pn, pd = _empty3(w)
     for i in range(0, n_loc):
         off = base + i * C + cols
         k = tl.load(k_ptr + off, mask=mask, other=0.0).to(ACC)
@@ -217,13 +228,9 @@ def biwkv4_fwd_kernel(k_ptr, v_ptr, w_ptr, u_ptr, y_ptr, logd_ptr, c_ptr,
     # the right-to-left pass reads what the left-to-right pass parked in y / logd
     tl.debug_barrier()
     if HAS_CARRY:
-        o = tl.load(c_ptr + 3 * st + so, mask=mask, other=NEG)
-        pn = tl.load(c_ptr + 3 * st + st + so, mask=mask, other=0.0)
-        pd = tl.load(c_ptr + 3 * st + 2 * st + so, mask=mask, other=0.0)
+        o, pn, pd = _load3(c_ptr + 3 * st, so, st, mask)
     else:
-        o = tl.full([BLOCK_C], NEG, ACC)
-        pn = tl.zeros([BLOCK_C], ACC)
-        pd = tl.zeros([BLOCK_C], ACC)
+        o, pn, pd = _empty3(w)
     for i in range(0, n_loc):
         off = base + (n_loc - 1 - i) * C + cols
         k = tl.load(k_ptr + off, mask=mask, other=0.0).to(ACC)
@@ -263,14 +270,8 @@ def biwkv4_bwd_summary_kernel(k_ptr, v_ptr, w_ptr, y_ptr, logd_ptr, gy_ptr, s_pt
     so = (pid_b.to(tl.int64) * NT + pid_n) * C + cols
     st = (B * NT * C).to(tl.int64)  # state-plane stride; up to 15 * st is added
     for d in range(0, 2):
-        o = tl.full([BLOCK_C], NEG, ACC)
-        pn = tl.zeros([BLOCK_C], ACC)
-        pd = tl.zeros([BLOCK_C], ACC)
-        dn = tl.zeros([BLOCK_C], ACC)
-        dd = tl.zeros([BLOCK_C], ACC)
-        og = tl.full([BLOCK_C], NEG, ACC)
-        g1 = tl.zeros([BLOCK_C], ACC)
-        g2 = tl.zeros([BLOCK_C], ACC)
+        o, pn, pd, dn, dd = _empty5(w)
+        og, g1, g2 = _empty3(w)
         for i in range(0, n_loc):
             j = i + d * (n_loc - 1 - 2 * i)      # d = 0: forward, d = 1: backward
             off = base + j * C + cols
@@ -282,14 +283,8 @@ def biwkv4_bwd_summary_kernel(k_ptr, v_ptr, w_ptr, y_ptr, logd_ptr, gy_ptr, s_pt
             o, pn, pd, dn, dd = _push_d(o, pn, pd, dn, dd, k, v, w)
             og, g1, g2 = _push_q(og, g1, g2, -ld, gy, gy * y, w)
         sd_ptr = s_ptr + d * 8 * st
-        tl.store(sd_ptr + so, o, mask=mask)
-        tl.store(sd_ptr + st + so, pn, mask=mask)
-        tl.store(sd_ptr + 2 * st + so, pd, mask=mask)
-        tl.store(sd_ptr + 3 * st + so, dn, mask=mask)
-        tl.store(sd_ptr + 4 * st + so, dd, mask=mask)
-        tl.store(sd_ptr + 5 * st + so, og, mask=mask)
-        tl.store(sd_ptr + 6 * st + so, g1, mask=mask)
-        tl.store(sd_ptr + 7 * st + so, g2, mask=mask)
+        _store5(sd_ptr, so, st, mask, o, pn, pd, dn, dd)
+        _store3(sd_ptr + 5 * st, so, st, mask, og, g1, g2)
 
 
 @triton.autotune(configs=CONFIGS, key=AUTOTUNE_KEY)
@@ -306,39 +301,19 @@ def biwkv4_bwd_carry_kernel(w_ptr, s_ptr, c_ptr, B, T, C, NT, CHUNK,
     for d in range(0, 2):
         sd_ptr = s_ptr + d * 8 * st
         cd_ptr = c_ptr + d * 8 * st
-        o = tl.full([BLOCK_C], NEG, ACC)
-        pn = tl.zeros([BLOCK_C], ACC)
-        pd = tl.zeros([BLOCK_C], ACC)
-        dn = tl.zeros([BLOCK_C], ACC)
-        dd = tl.zeros([BLOCK_C], ACC)
-        og = tl.full([BLOCK_C], NEG, ACC)
-        g1 = tl.zeros([BLOCK_C], ACC)
-        g2 = tl.zeros([BLOCK_C], ACC)
+        o, pn, pd, dn, dd = _empty5(w)
+        og, g1, g2 = _empty3(w)
         for i in range(0, NT):
             n = i + d * (NT - 1 - 2 * i)
             so = (pid_b.to(tl.int64) * NT + n) * C + cols
-            tl.store(cd_ptr + so, o, mask=mask)
-            tl.store(cd_ptr + st + so, pn, mask=mask)
-            tl.store(cd_ptr + 2 * st + so, pd, mask=mask)
-            tl.store(cd_ptr + 3 * st + so, dn, mask=mask)
-            tl.store(cd_ptr + 4 * st + so, dd, mask=mask)
-            tl.store(cd_ptr + 5 * st + so, og, mask=mask)
-            tl.store(cd_ptr + 6 * st + so, g1, mask=mask)
-            tl.store(cd_ptr + 7 * st + so, g2, mask=mask)
+            _store5(cd_ptr, so, st, mask, o, pn, pd, dn, dd)
+            _store3(cd_ptr + 5 * st, so, st, mask, og, g1, g2)
             ln = tl.minimum(CHUNK, T - n * CHUNK).to(ACC)
             # decay the carry across this chunk (distances grow by ln), then add its total
-            o, pn, pd, dn, dd = _merge5(
-                o - ln * w, pn, pd, dn + ln * pn, dd + ln * pd,
-                tl.load(sd_ptr + so, mask=mask, other=NEG),
-                tl.load(sd_ptr + st + so, mask=mask, other=0.0),
-                tl.load(sd_ptr + 2 * st + so, mask=mask, other=0.0),
-                tl.load(sd_ptr + 3 * st + so, mask=mask, other=0.0),
-                tl.load(sd_ptr + 4 * st + so, mask=mask, other=0.0))
-            og, g1, g2 = _merge3(
-                og - ln * w, g1, g2,
-                tl.load(sd_ptr + 5 * st + so, mask=mask, other=NEG),
-                tl.load(sd_ptr + 6 * st + so, mask=mask, other=0.0),
-                tl.load(sd_ptr + 7 * st + so, mask=mask, other=0.0))
+            o2, pn2, pd2, dn2, dd2 = _load5(sd_ptr, so, st, mask)
+            o, pn, pd, dn, dd = _merge5(o - ln * w, pn, pd, dn + ln * pn, dd + ln * pd, o2, pn2, pd2, dn2, dd2)
+            og2, g12, g22 = _load3(sd_ptr + 5 * st, so, st, mask)
+            og, g1, g2 = _merge3(og - ln * w, g1, g2, og2, g12, g22)
 
 
 @triton.autotune(configs=CONFIGS, key=AUTOTUNE_KEY_LOCAL)
@@ -367,23 +342,11 @@ def biwkv4_bwd_kernel(k_ptr, v_ptr, w_ptr, u_ptr, y_ptr, logd_ptr, gy_ptr, gk_pt
     for d in range(0, 2):
         cd_ptr = c_ptr + d * 8 * st
         if HAS_CARRY:
-            o = tl.load(cd_ptr + so, mask=mask, other=NEG)
-            pn = tl.load(cd_ptr + st + so, mask=mask, other=0.0)
-            pd = tl.load(cd_ptr + 2 * st + so, mask=mask, other=0.0)
-            dn = tl.load(cd_ptr + 3 * st + so, mask=mask, other=0.0)
-            dd = tl.load(cd_ptr + 4 * st + so, mask=mask, other=0.0)
-            og = tl.load(cd_ptr + 5 * st + so, mask=mask, other=NEG)
-            g1 = tl.load(cd_ptr + 6 * st + so, mask=mask, other=0.0)
-            g2 = tl.load(cd_ptr + 7 * st + so, mask=mask, other=0.0)
+            o, pn, pd, dn, dd = _load5(cd_ptr, so, st, mask)
+            og, g1, g2 = _load3(cd_ptr + 5 * st, so, st, mask)
         else:
-            o = tl.full([BLOCK_C], NEG, ACC)
-            pn = tl.zeros([BLOCK_C], ACC)
-            pd = tl.zeros([BLOCK_C], ACC)
-            dn = tl.zeros([BLOCK_C], ACC)
-            dd = tl.zeros([BLOCK_C], ACC)
-            og = tl.full([BLOCK_C], NEG, ACC)
-            g1 = tl.zeros([BLOCK_C], ACC)
-            g2 = tl.zeros([BLOCK_C], ACC)
+            o, pn, pd, dn, dd = _empty5(w)
+            og, g1, g2 = _empty3(w)
         for i in range(0, n_loc):
             j = i + d * (n_loc - 1 - 2 * i)
             off = base + j * C + cols
