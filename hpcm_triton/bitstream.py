@@ -25,7 +25,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
 import struct
 import zlib
 from pathlib import Path

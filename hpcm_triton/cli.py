@@ -93,7 +93,7 @@ def cmd_demo(args) -> int:
         path = out_dir / f"{label.rsplit('.', 1)[0]}.{name}.hpcm"
         t0 = time.perf_counter()
         comp = model.compress(x)
-        nbytes = bitstream.write(path, name, model, comp)
+        bitstream.write(path, name, model, comp)
         t1 = time.perf_counter()
         x_hat = bitstream.decode(path, model, name)
         t2 = time.perf_counter()
@@ -111,7 +111,7 @@ def cmd_demo(args) -> int:
         print("  ".join(s.rjust(w) if i else s.ljust(w) for i, (s, w) in enumerate(zip(c, widths))))
         if j == 0:
             print("  ".join("-" * w for w in widths))
-    print(f"bpp (file) counts every byte of the .hpcm file (header included); bpp (est.) is −Σlog2(likelihoods)/pixels.")
+    print("bpp (file) counts every byte of the .hpcm file (header included); bpp (est.) is −Σlog2(likelihoods)/pixels.")
     print("enc s: compress + write the file; dec s: read + check fingerprints + decompress (wall time).")
     print("exact decode: decompress(file) == forward(x)['x_hat'].clamp(0, 1), bit for bit.")
     print(f"files in {out_dir}{'' if args.keep else ' (temporary)'}; total {total:.1f} s")

@@ -5,7 +5,7 @@ context between scales, and which spatial prior predicts the entropy parameters.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,8 @@ quantized latents: from y (forward, compress) or from the bitstream (decompress)
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -334,7 +332,6 @@ class HPCM(nn.Module):
         if shape is None or len(shape) != 2 or min(shape) < 1:
             raise BitstreamError(f"shape must be z's (h, w), got {shape}")
         zh, zw = int(shape[0]), int(shape[1])
-        H, W = 4 * zh, 4 * zw  # y's size
         mult = self.config.pad_multiple // 64
         if zh % mult or zw % mult:
             raise BitstreamError(f"shape {zh}×{zw} is not a z shape this model writes (multiples of {mult})")

@@ -1,9 +1,8 @@
 """Named variants: HPCM-Base/Large (weight-compatible with the official release) and Phases 1–4."""
 from __future__ import annotations
 
-import torch
 
-from .config import BASE, LARGE, PHASES, PRESETS, HPCMConfig
+from .config import BASE, LARGE, PHASES, HPCMConfig
 from .hpcm import HPCM
 from .official import load_official
 
