@@ -135,6 +135,20 @@ def _store5(ptr, so, st, mask, o, pn, pd, dn, dd):
     tl.store(ptr + 4 * st + so, dd, mask=mask)
 
 
+@triton.jit
+def _chunk_program(B, T, C, NT, CHUNK, BLOCK_C: tl.constexpr):
+    """Where program (b, channel block, chunk) works: its channels and their mask, its number of
+    tokens, the int64 offset of its first token in (B, T, C), its offset ``so`` into the
+    (·, B, NT, C) state planes and the plane stride ``st`` (up to 15 * st is added)."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(2)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    start = pid_n * CHUNK
+    base = (pid_b * T + start) * C
+    so = (pid_b * NT + pid_n) * C + cols
+    return cols, cols < C, tl.minimum(CHUNK, T - start), base, so, (B * NT * C).to(tl.int64)
+
+
 # ----------------------------------------------------------------------------- forward
 @triton.autotune(configs=CONFIGS, key=AUTOTUNE_KEY)
 @triton.jit(do_not_specialize=["T", "NT", "CHUNK"])
@@ -142,24 +156,15 @@ def biwkv4_fwd_summary_kernel(k_ptr, v_ptr, w_ptr, s_ptr, B, T, C, NT, CHUNK,
                               BLOCK_C: tl.constexpr):
     """Per-chunk left and right totals (o, pn, pd) of e^{k} * (v, 1): left as seen from the
     chunk end, right as seen from just before the chunk start."""
-    pid_b = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_n = tl.program_id(2)
     ACC = s_ptr.dtype.element_ty
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = cols < C
+    cols, mask, n_loc, base, so, st = _chunk_program(B, T, C, NT, CHUNK, BLOCK_C)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(ACC)
-    start = pid_n * CHUNK
-    n_loc = tl.minimum(CHUNK, T - start)
-    base = (pid_b.to(tl.int64) * T + start) * C
     o, pn, pd = _empty3(w)
     for i in range(0, n_loc):
         off = base + i * C + cols
         k = tl.load(k_ptr + off, mask=mask, other=0.0).to(ACC)
         v = tl.load(v_ptr + off, mask=mask, other=0.0).to(ACC)
         o, pn, pd = _push(o, pn, pd, k, v, w)
-    so = (pid_b.to(tl.int64) * NT + pid_n) * C + cols
-    st = (B * NT * C).to(tl.int64)  # state-plane stride; up to 15 * st is added
     _store3(s_ptr, so, st, mask, o, pn, pd)
     o, pn, pd = _empty3(w)
     for i in range(0, n_loc):
@@ -200,19 +205,10 @@ def biwkv4_fwd_kernel(k_ptr, v_ptr, w_ptr, u_ptr, y_ptr, logd_ptr, c_ptr,
                       B, T, C, NT, CHUNK, HAS_CARRY: tl.constexpr, BLOCK_C: tl.constexpr):
     """Local pass over one chunk: left-to-right exclusive sums (parked in y/logd), then
     right-to-left, combining with the diagonal term into y (ACC) and logd = log(denominator)."""
-    pid_b = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_n = tl.program_id(2)
     ACC = y_ptr.dtype.element_ty
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = cols < C
+    cols, mask, n_loc, base, so, st = _chunk_program(B, T, C, NT, CHUNK, BLOCK_C)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(ACC)
     u = tl.load(u_ptr + cols, mask=mask, other=0.0).to(ACC)
-    start = pid_n * CHUNK
-    n_loc = tl.minimum(CHUNK, T - start)
-    base = (pid_b.to(tl.int64) * T + start) * C
-    so = (pid_b.to(tl.int64) * NT + pid_n) * C + cols
-    st = (B * NT * C).to(tl.int64)  # state-plane stride; up to 15 * st is added
     if HAS_CARRY:
         o, pn, pd = _load3(c_ptr, so, st, mask)
     else:
@@ -257,18 +253,9 @@ def biwkv4_fwd_kernel(k_ptr, v_ptr, w_ptr, u_ptr, y_ptr, logd_ptr, c_ptr,
 @triton.jit(do_not_specialize=["T", "NT", "CHUNK"])
 def biwkv4_bwd_summary_kernel(k_ptr, v_ptr, w_ptr, y_ptr, logd_ptr, gy_ptr, s_ptr,
                               B, T, C, NT, CHUNK, BLOCK_C: tl.constexpr):
-    pid_b = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_n = tl.program_id(2)
     ACC = s_ptr.dtype.element_ty
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = cols < C
+    cols, mask, n_loc, base, so, st = _chunk_program(B, T, C, NT, CHUNK, BLOCK_C)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(ACC)
-    start = pid_n * CHUNK
-    n_loc = tl.minimum(CHUNK, T - start)
-    base = (pid_b.to(tl.int64) * T + start) * C
-    so = (pid_b.to(tl.int64) * NT + pid_n) * C + cols
-    st = (B * NT * C).to(tl.int64)  # state-plane stride; up to 15 * st is added
     for d in range(0, 2):
         o, pn, pd, dn, dd = _empty5(w)
         og, g1, g2 = _empty3(w)
@@ -324,19 +311,10 @@ def biwkv4_bwd_kernel(k_ptr, v_ptr, w_ptr, u_ptr, y_ptr, logd_ptr, gy_ptr, gk_pt
     """Local backward pass over one chunk. Left-to-right: left parts of gk, gv (parked in
     gk/gv), diagonal terms, gu and the left part of gw. Right-to-left: right parts, final
     gk, gv, right part of gw. gw, gu partials go to (B, NT, C) buffers (summed by torch)."""
-    pid_b = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_n = tl.program_id(2)
     ACC = gk_ptr.dtype.element_ty
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = cols < C
+    cols, mask, n_loc, base, so, st = _chunk_program(B, T, C, NT, CHUNK, BLOCK_C)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(ACC)
     u = tl.load(u_ptr + cols, mask=mask, other=0.0).to(ACC)
-    start = pid_n * CHUNK
-    n_loc = tl.minimum(CHUNK, T - start)
-    base = (pid_b.to(tl.int64) * T + start) * C
-    so = (pid_b.to(tl.int64) * NT + pid_n) * C + cols
-    st = (B * NT * C).to(tl.int64)  # state-plane stride; up to 15 * st is added
     gw_acc = tl.zeros([BLOCK_C], ACC)
     gu_acc = tl.zeros([BLOCK_C], ACC)
     for d in range(0, 2):
