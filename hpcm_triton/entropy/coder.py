@@ -12,6 +12,7 @@ error. Two measures keep ``decompress`` honest:
 """
 from __future__ import annotations
 
+import gc
 import importlib
 import multiprocessing as mp
 import warnings
@@ -62,6 +63,9 @@ def encode(chunks: list[tuple[np.ndarray, np.ndarray, CdfTables]]) -> bytes:
 
 
 def _worker(conn, streams, tables):
+    # The forked child shares the parent's heap, CUDA tensors included; collecting cycles here
+    # could run their destructors against a CUDA context the child does not own.
+    gc.disable()
     decoders = []
     for s in streams:
         d = compressai_ext("ans").RansDecoder()
