@@ -33,13 +33,12 @@ import torch
 
 from .entropy import BitstreamError
 from .models.config import PRESETS, HPCMConfig
+from .models.hpcm import TABLE_BUFFERS
 
 MAGIC = b"HPCM"
 VERSION = 1
 _FIXED = struct.Struct("<8s8sIIIIH")   # config_fp, weights_fp, H, W, zh, zw, n_images
 _PER_IMAGE = struct.Struct("<IIII")    # y_len, y_crc, z_len, z_crc
-_TABLES = ("scale_table", "quantized_cdf_z", "cdf_length_z", "offset_z", "quantized_cdf_y", "cdf_length_y",
-           "offset_y")
 
 
 # ---------------------------------------------------------------- configs and fingerprints
@@ -59,11 +58,11 @@ def config_from(name: str, overrides: dict) -> HPCMConfig:
     """Inverse of :func:`config_overrides` (JSON lists become tuples again)."""
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(HPCMConfig)}
-    bad = set(overrides) - fields
+    known = HPCMConfig.json_fields(overrides)
+    bad = set(overrides) - set(known)
     if bad:
         raise ValueError(f"unknown config fields {sorted(bad)}")
-    return PRESETS[name].with_(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+    return PRESETS[name].with_(**known)
 
 
 def config_fingerprint(config: HPCMConfig) -> bytes:
@@ -80,7 +79,7 @@ def weights_fingerprint(model: torch.nn.Module) -> bytes:
     Exact bytes, not float sums, so the value does not depend on the device's reduction order.
     """
     h = hashlib.sha256()
-    for name in _TABLES:
+    for name in TABLE_BUFFERS:
         t = getattr(model, name, None)
         if t is not None:
             h.update(name.encode())

@@ -58,15 +58,6 @@ def _n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _rwkv_modules(config) -> list[str]:
-    out = [f"attn_s{i + 1}" for i, c in enumerate(config.cells) if c == "rwkv"]
-    if config.fusion == "rwkv":
-        out.append("context_net")
-    if config.prior == "rwkv":
-        out += ["y_spatial_prior_s1_s2", "y_spatial_prior_s3"]
-    return out
-
-
 # ---------------------------------------------------------------- demo
 def cmd_demo(args) -> int:
     import torch
@@ -218,7 +209,7 @@ def cmd_info(args) -> int:
     rows = []
     for name, cls in MODELS.items():
         m = get_model(name, **size_overrides(args.size))
-        rows.append((name, f"{_n_params(m):,}", ", ".join(_rwkv_modules(m.config)) or "none",
+        rows.append((name, f"{_n_params(m):,}", ", ".join(m.config.rwkv_modules) or "none",
                      (cls.__doc__ or "").strip().splitlines()[0]))
         del m
     w = [max(len(r[i]) for r in rows + [("model", "params", "RWKV modules", "")]) for i in range(3)]

@@ -35,11 +35,6 @@ def size_overrides(size: str) -> dict:
     return dict(TINY) if size == "tiny" else {}
 
 
-def _config_kwargs(config: dict) -> dict:
-    fields = {f.name for f in dataclasses.fields(HPCMConfig)}
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in fields}
-
-
 def seeded_model(name: str, size: str = "tiny", **overrides):
     """An untrained model whose weights depend only on parameter names (bit-identical in any
     process), eval mode, CDF tables built."""
@@ -68,7 +63,7 @@ def load_checkpoint(path: str | os.PathLike, name: str | None = None, device: st
         ck_name = ckpt["model"]
         if name is not None and name.lower() != ck_name:
             raise ValueError(f"{path}: checkpoint is for model {ck_name!r}, not {name!r}")
-        model = get_model(ck_name, **_config_kwargs(ckpt["config"]))
+        model = get_model(ck_name, **HPCMConfig.json_fields(ckpt["config"]))
         model.load_state_dict(ckpt["state_dict"], strict=True)
         name = ck_name
     else:  # an official release: {"state_dict": ...} or the bare state_dict
@@ -200,7 +195,7 @@ def train(model, data, lmbda: float, steps: int, batch_size: int = 8, crop: int 
         ck = torch.load(src, map_location="cpu", weights_only=True)
         if ck.get("model") != name:
             raise ValueError(f"{src}: checkpoint is for {ck.get('model')!r}, training {name!r}")
-        if _config_kwargs(ck["config"]) != dataclasses.asdict(model.config):
+        if HPCMConfig.json_fields(ck["config"]) != dataclasses.asdict(model.config):
             raise ValueError(f"{src}: checkpoint config differs from the model being trained")
         model.load_state_dict(ck["state_dict"], strict=True)
         opt.load_state_dict(ck["optimizer"])

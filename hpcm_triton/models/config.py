@@ -5,7 +5,7 @@ context between scales, and which spatial prior predicts the entropy parameters.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,22 @@ class HPCMConfig:
             return max(128, 16 * self.attention_windows[2])
         return 128
 
+    @property
+    def rwkv_modules(self) -> tuple:
+        """Top-level modules that are RWKV in this variant (in place of the official ones)."""
+        flags = {"attn_s1": self.cells[0] == "rwkv", "attn_s2": self.cells[1] == "rwkv",
+                 "attn_s3": self.cells[2] == "rwkv", "context_net": self.fusion == "rwkv",
+                 "y_spatial_prior_s1_s2": self.prior == "rwkv", "y_spatial_prior_s3": self.prior == "rwkv"}
+        return tuple(name for name, rwkv in flags.items() if rwkv)
+
     def with_(self, **kw) -> "HPCMConfig":
         return replace(self, **kw)
+
+    @classmethod
+    def json_fields(cls, d: dict) -> dict:
+        """The config fields of a JSON-decoded dict (lists back to tuples); other keys are left out."""
+        names = {f.name for f in fields(cls)}
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
 
 
 BASE = HPCMConfig()

@@ -21,7 +21,8 @@ from .config import BASE, HPCMConfig
 from .modules import (CrossAttentionCell, DWConvSpatialPrior, analysis_transform, hyper_analysis, hyper_synthesis,
                       synthesis_transform)
 
-_TABLE_BUFFERS = ("scale_table", "quantized_cdf_z", "cdf_length_z", "offset_z",
+# rANS tables built by update(): state_dict buffers whose sizes change with the tables.
+TABLE_BUFFERS = ("scale_table", "quantized_cdf_z", "cdf_length_z", "offset_z",
                   "quantized_cdf_y", "cdf_length_y", "offset_y")
 
 
@@ -99,7 +100,7 @@ class HPCM(nn.Module):
             self.context_net = nn.ModuleList(
                 RWKVFusionNet(2 * M, num_blocks=1, hidden_rate=4, use_checkpoint=cfg.use_checkpoint) for _ in range(2))
 
-        for name in _TABLE_BUFFERS:
+        for name in TABLE_BUFFERS:
             self.register_buffer(name, torch.empty(0, dtype=torch.float32 if name == "scale_table" else torch.int32))
         self._tables = None  # CdfTables cache, rebuilt after update()/load
 
@@ -148,7 +149,7 @@ class HPCM(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The CDF tables change size with update(); take the checkpoint's sizes (CompressAI's behaviour).
-        for name in _TABLE_BUFFERS:
+        for name in TABLE_BUFFERS:
             key = prefix + name
             if key in state_dict:
                 cur = getattr(self, name)

@@ -6,8 +6,7 @@ import warnings
 import torch
 from torch import nn
 
-_BUFFER_SUFFIXES = ("scale_table", "quantized_cdf_z", "cdf_length_z", "offset_z",
-                    "quantized_cdf_y", "cdf_length_y", "offset_y")
+from .hpcm import TABLE_BUFFERS
 
 
 class CheckpointMismatchError(ValueError):
@@ -29,7 +28,7 @@ def load_official(model: nn.Module, sd: dict, *, strict_shared: bool) -> dict:
     if unknown:
         raise CheckpointMismatchError(f"unknown keys in the state_dict: {_short(unknown)}")
     bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in sd.items()
-           if k in own and k.split(".")[-1] not in _BUFFER_SUFFIXES and tuple(v.shape) != tuple(own[k].shape)]
+           if k in own and k.split(".")[-1] not in TABLE_BUFFERS and tuple(v.shape) != tuple(own[k].shape)]
     if bad:
         raise CheckpointMismatchError("shape mismatch: " + "; ".join(bad[:8]) + (" ..." if len(bad) > 8 else ""))
 
@@ -39,7 +38,7 @@ def load_official(model: nn.Module, sd: dict, *, strict_shared: bool) -> dict:
                       "2026-01 fix, they were untrained): filled with ones", stacklevel=3)
         for k in filled:
             sd[k] = torch.ones_like(own[k])
-    missing_tables = [k for k in _BUFFER_SUFFIXES if k not in sd]
+    missing_tables = [k for k in TABLE_BUFFERS if k not in sd]
     for k in missing_tables:
         sd[k] = own[k]
     dropped = sorted(k for k in sd if k not in own)
@@ -64,15 +63,7 @@ def _module_of(key: str) -> str:
 
 def _is_replaced_official_key(model: nn.Module, key: str) -> bool:
     """An official key whose module this variant replaced by an RWKV module."""
-    top = key.split(".")[0]
-    cfg = model.config
-    if top in ("attn_s1", "attn_s2", "attn_s3"):
-        return cfg.cells[int(top[-1]) - 1] != "attention"
-    if top == "context_net":
-        return cfg.fusion != "conv"
-    if top in ("y_spatial_prior_s1_s2", "y_spatial_prior_s3"):
-        return cfg.prior != "dwconv"
-    return False
+    return key.split(".")[0] in model.config.rwkv_modules
 
 
 def _short(keys, n=8):

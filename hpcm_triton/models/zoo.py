@@ -63,20 +63,13 @@ def get_model(name: str, **overrides) -> HPCM:
     return cls(**overrides)
 
 
-
-
-
-
 def param_groups(model: HPCM, lr: float = 1e-4, rwkv_lr: float = 5e-5) -> list[dict]:
     """Optimizer groups the seed recommends: RWKV modules (context cells, RWKV fusion, RWKV
     priors) at ``rwkv_lr``, everything else at ``lr``."""
-    cfg = model.config
-    is_rwkv = {"attn_s1": cfg.cells[0] == "rwkv", "attn_s2": cfg.cells[1] == "rwkv", "attn_s3": cfg.cells[2] == "rwkv",
-               "context_net": cfg.fusion == "rwkv", "y_spatial_prior_s1_s2": cfg.prior == "rwkv",
-               "y_spatial_prior_s3": cfg.prior == "rwkv"}
+    rwkv = model.config.rwkv_modules
     slow, fast = [], []
     for name, p in model.named_parameters():
-        (slow if is_rwkv.get(name.split(".")[0], False) else fast).append(p)
+        (slow if name.split(".")[0] in rwkv else fast).append(p)
     groups = [{"params": fast, "lr": lr, "name": "base"}]
     if slow:
         groups.append({"params": slow, "lr": rwkv_lr, "name": "rwkv"})
