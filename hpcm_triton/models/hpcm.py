@@ -26,6 +26,10 @@ TABLE_BUFFERS = ("scale_table", "quantized_cdf_z", "cdf_length_z", "offset_z",
                   "quantized_cdf_y", "cdf_length_y", "offset_y")
 
 
+# Channel groups per scale: each step codes one position per group, packed densely for rANS.
+_GROUPS = {"s1": 2, "s2": 4, "s3": 8}
+
+
 def _ste_round(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(x) - x).detach() + x
 
@@ -161,85 +165,67 @@ class HPCM(nn.Module):
     def _schedule(self, params: torch.Tensor, code_step):
         """Run HPCM's 11 coding steps on hyperprior output ``params`` (B, 2M, h, w).
 
-        ``code_step(scale, step, scales, means, mask)`` codes one step and returns a tuple of
-        masked tensors at that scale's resolution, the first being that step's ŷ; the tuples
-        are summed over steps and carried up the scales. Returns the summed tuple at full size.
+        ``code_step(scale, scales, means, mask)`` codes one step and returns a tuple of masked
+        tensors at that scale's resolution, the first being that step's ŷ; the tuples are
+        summed over steps and carried up the scales. Returns the summed tuple at full size.
         """
         B, _, H, W = params.shape
-        C = self.M
-        dt, dev = params.dtype, params.device
-        key = (B, C, H, W, dt, dev)
-        full_s2 = masks.s2_in_full(*key)
-        rec = masks.rec_s2(B, C, H // 2, W // 2, dt, dev)
+        C, dt, dev = self.M, params.dtype, params.device
         scales_all, means_all = params.chunk(2, 1)
+        adaptive = iter(self.adaptive_params_list)  # one per prior call, in schedule order
 
-        def to_s1(t):
-            return masks.subsample(masks.subsample(t, full_s2, H // 2, W // 2), rec, H // 4, W // 4)
+        def steps(scale, adaptors, prior, cell, mlist, acc, context_next):
+            for i, mask in enumerate(mlist):
+                # Official quirk (SPEC §3 a): adaptors[i - 1] at i = 0 is the scale's *last* adaptor.
+                x = adaptors[i - 1](torch.cat((context_next, acc[0]), dim=1))
+                context = prior(x, next(adaptive))
+                context_next = cell(context, context_next)
+                acc = tuple(a + n for a, n in zip(acc, code_step(scale, *context.chunk(2, 1), mask)))
+            return acc, context_next
 
-        def add(acc, new):
-            return new if acc is None else tuple(a + n for a, n in zip(acc, new))
-
-        prior_calls = 0
-
-        def prior_step(scale_idx, adaptor, prior, cell, context_next, y_hat_so_far):
-            nonlocal prior_calls
-            # Official quirk (SPEC §3 a): adaptor_list[i - 1] at i = 0 is the scale's *last* adaptor.
-            x = adaptor(torch.cat((context_next, y_hat_so_far), dim=1))
-            context = prior(x, self.adaptive_params_list[prior_calls])
-            prior_calls += 1
-            return context, cell(context, context_next)
+        def up_scale(acc, context_next, mlist, h, w, hyper, fusion):
+            """Carry the sums and the context to the next scale; add its hyperprior; fuse."""
+            acc = tuple(masks.upsample(t, mlist, h, w) for t in acc)
+            context = torch.cat([masks.upsample(t, mlist, h, w) for t in context_next.chunk(2, 1)], dim=1)
+            return acc, fusion(context + hyper)
 
         # ---- s1: quarter resolution, 2 steps; step 0 uses the hyperprior directly
-        scales_s1, means_s1 = to_s1(scales_all), to_s1(means_all)
+        (scales_s1, _), full_s2, rec = masks.scale_views(scales_all)
+        (means_s1, _), _, _ = masks.scale_views(means_all)
         context_next = torch.cat((scales_s1, means_s1), dim=1)
         mlist = masks.two_part(B, C, H // 4, W // 4, dt, dev)
-        acc = code_step("s1", 0, scales_s1, means_s1, mlist[0])
-        for i in range(1, 2):
-            context, context_next = prior_step(0, self.y_spatial_prior_adaptor_list_s1[i - 1],
-                                               self.y_spatial_prior_s1_s2, self.attn_s1, context_next, acc[0])
-            acc = add(acc, code_step("s1", i, *context.chunk(2, 1), mlist[i]))
+        acc = code_step("s1", scales_s1, means_s1, mlist[0])
+        acc, context_next = steps("s1", self.y_spatial_prior_adaptor_list_s1, self.y_spatial_prior_s1_s2,
+                                  self.attn_s1, mlist[1:], acc, context_next)
 
         # ---- s2: half resolution, 3 more steps
-        acc = tuple(masks.upsample(t, rec, H // 2, W // 2) for t in acc)
-        context = torch.cat([masks.upsample(t, rec, H // 2, W // 2) for t in context_next.chunk(2, 1)], dim=1)
-        full_s1 = masks.s1_in_full(*key)
-        context = context + torch.cat([masks.s2_hyper(t, full_s1, full_s2, rec, H // 2, W // 2)
-                                       for t in (scales_all, means_all)], dim=1)
-        context_next = self.context_net[0](context)
-        mlist = masks.four_part(B, C, H // 2, W // 2, dt, dev)[1:]
-        for i in range(3):
-            context, context_next = prior_step(1, self.y_spatial_prior_adaptor_list_s2[i - 1],
-                                               self.y_spatial_prior_s1_s2, self.attn_s2, context_next, acc[0])
-            acc = add(acc, code_step("s2", i, *context.chunk(2, 1), mlist[i]))
+        full_s1 = masks.s1_in_full(B, C, H, W, dt, dev)
+        hyper = torch.cat([masks.s2_hyper(t, full_s1, full_s2, rec, H // 2, W // 2) for t in (scales_all, means_all)],
+                          dim=1)
+        acc, context_next = up_scale(acc, context_next, rec, H // 2, W // 2, hyper, self.context_net[0])
+        acc, context_next = steps("s2", self.y_spatial_prior_adaptor_list_s2, self.y_spatial_prior_s1_s2,
+                                  self.attn_s2, masks.four_part(B, C, H // 2, W // 2, dt, dev)[1:], acc, context_next)
 
         # ---- s3: full resolution, 6 more steps
-        acc = tuple(masks.upsample(t, full_s2, H, W) for t in acc)
-        context = torch.cat([masks.upsample(t, full_s2, H, W) for t in context_next.chunk(2, 1)], dim=1)
-        context = context + torch.cat([masks.s3_hyper(t, full_s2) for t in (scales_all, means_all)], dim=1)
-        context_next = self.context_net[1](context)
-        mlist = masks.eight_part(B, C, H, W, dt, dev)[2:]
-        for i in range(6):
-            context, context_next = prior_step(2, self.y_spatial_prior_adaptor_list_s3[i - 1],
-                                               self.y_spatial_prior_s3, self.attn_s3, context_next, acc[0])
-            acc = add(acc, code_step("s3", i, *context.chunk(2, 1), mlist[i]))
+        hyper = torch.cat([masks.s3_hyper(t, full_s2) for t in (scales_all, means_all)], dim=1)
+        acc, context_next = up_scale(acc, context_next, full_s2, H, W, hyper, self.context_net[1])
+        acc, _ = steps("s3", self.y_spatial_prior_adaptor_list_s3, self.y_spatial_prior_s3, self.attn_s3,
+                       masks.eight_part(B, C, H, W, dt, dev)[2:], acc, context_next)
         return acc
 
     def _quantize_y(self, y: torch.Tensor, params: torch.Tensor, on_step=None):
         """The schedule driven by the real latent y; returns (ŷ, y − μ, scales)."""
-        B, C, H, W = y.shape
-        full_s2 = masks.s2_in_full(B, C, H, W, y.dtype, y.device)
-        rec = masks.rec_s2(B, C, H // 2, W // 2, y.dtype, y.device)
-        y_s2 = masks.subsample(y, full_s2, H // 2, W // 2)
-        y_at = {"s1": masks.subsample(y_s2, rec, H // 4, W // 4), "s2": y_s2, "s3": y}
+        (y_s1, y_s2), _, _ = masks.scale_views(y)
+        y_at = {"s1": y_s1, "s2": y_s2, "s3": y}
         rnd = _ste_round if self.training else torch.round
 
-        def code_step(scale, step, scales, means, mask):
-            means_hat = means * mask
+        def code_step(scale, scales, means, mask):
+            means_hat, scales_hat = means * mask, scales * mask
             y_res = (y_at[scale] - means_hat) * mask
             y_q = rnd(y_res)
             if on_step is not None:
-                on_step(scale, y_q, scales * mask)
-            return y_q + means_hat, y_res, scales * mask
+                on_step(scale, y_q, scales_hat)
+            return y_q + means_hat, y_res, scales_hat
 
         return self._schedule(params, code_step)
 
@@ -300,11 +286,10 @@ class HPCM(nn.Module):
         z_strings = [encode([(z_res_hat[b].cpu().numpy(), z_idx[b].cpu().numpy(), tables["z"])]) for b in range(B)]
 
         params = self.h_s(z_res_hat + self.means_hyper)
-        groups = {"s1": 2, "s2": 4, "s3": 8}
         chunks = [[] for _ in range(B)]
 
         def on_step(scale, y_q, scales_masked):
-            g = groups[scale]
+            g = _GROUPS[scale]
             sym = masks.combine_groups(y_q, g).int().cpu().numpy()
             idx = self._y_indexes(masks.combine_groups(scales_masked, g)).cpu().numpy()
             for b in range(B):
@@ -347,10 +332,9 @@ class HPCM(nn.Module):
                                  for b in range(B)]).to(dev, torch.float32)
             zdec.verify()
         params = self.h_s(z_res + self.means_hyper)
-        groups = {"s1": 2, "s2": 4, "s3": 8}
         with DecodeSession(list(strings[0]), tables, label="y stream") as ydec:
-            def code_step(scale, step, scales, means, mask):
-                g = groups[scale]
+            def code_step(scale, scales, means, mask):
+                g = _GROUPS[scale]
                 idx = self._y_indexes(masks.combine_groups(scales * mask, g)).cpu().numpy()
                 sym = torch.stack([torch.from_numpy(ydec.decode(b, "y", idx[b])).view(idx.shape[1:])
                                    for b in range(B)]).to(dev, torch.float32)

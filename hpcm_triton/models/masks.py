@@ -121,6 +121,16 @@ def subsample(y: torch.Tensor, mask_list, height: int, width: int) -> torch.Tens
                       for g, m in zip(groups, mask_list)], dim=1)
 
 
+def scale_views(t: torch.Tensor):
+    """((s1, s2), full_s2, rec) of a full-resolution map t (B, C, H, W): its s1 (H/4) and s2 (H/2)
+    sub-maps, and the masks that made them (positions of s2 in t, of s1 in s2)."""
+    b, c, h, w = t.shape
+    full_s2 = s2_in_full(b, c, h, w, t.dtype, t.device)
+    rec = rec_s2(b, c, h // 2, w // 2, t.dtype, t.device)
+    t_s2 = subsample(t, full_s2, h // 2, w // 2)
+    return (subsample(t_s2, rec, h // 4, w // 4), t_s2), full_s2, rec
+
+
 def upsample(y: torch.Tensor, mask_list, height: int, width: int) -> torch.Tensor:
     """Inverse of :func:`subsample`: scatter into a zero map of (B, C, height, width)."""
     b, c = y.shape[:2]
