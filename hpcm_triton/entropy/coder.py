@@ -62,23 +62,31 @@ def encode(chunks: list[tuple[np.ndarray, np.ndarray, CdfTables]]) -> bytes:
     return enc.flush()
 
 
+def _open_decoders(streams, tail: bytes = b"") -> list:
+    decoders = []
+    for s in streams:
+        d = compressai_ext("ans").RansDecoder()
+        d.set_stream(bytes(s) + tail)
+        decoders.append(d)
+    return decoders
+
+
+def _decode(decoder, tables: CdfTables, indexes: np.ndarray) -> np.ndarray:
+    out = decoder.decode_stream(indexes.tolist(), tables.cdfs, tables.lengths, tables.offsets)
+    return np.asarray(out, dtype=np.int32)
+
+
 def _worker(conn, streams, tables):
     # The forked child shares the parent's heap, CUDA tensors included; collecting cycles here
     # could run their destructors against a CUDA context the child does not own.
     gc.disable()
-    decoders = []
-    for s in streams:
-        d = compressai_ext("ans").RansDecoder()
-        d.set_stream(s)
-        decoders.append(d)
+    decoders = _open_decoders(streams)
     while True:
         msg = conn.recv()
         if msg is None:
             return
         stream_id, table_id, indexes = msg
-        t = tables[table_id]
-        out = decoders[stream_id].decode_stream(indexes.tolist(), t.cdfs, t.lengths, t.offsets)
-        conn.send(np.asarray(out, dtype=np.int32))
+        conn.send(_decode(decoders[stream_id], tables[table_id], indexes))
 
 
 @dataclass
@@ -111,19 +119,13 @@ class DecodeSession:
             self._proc.start()
             child.close()
         else:  # no fork (Windows): decode in-process; the re-encode check still catches corruption
-            self._decoders = []
-            for s in self.streams:
-                d = compressai_ext("ans").RansDecoder()
-                # zero tail: a truncated stream reads zeros instead of foreign memory
-                d.set_stream(bytes(s) + bytes(1 << 16))
-                self._decoders.append(d)
+            # zero tail: a truncated stream reads zeros instead of foreign memory
+            self._decoders = _open_decoders(self.streams, tail=bytes(1 << 16))
 
     def decode(self, stream_id: int, table_id: str, indexes: np.ndarray) -> np.ndarray:
         indexes = np.ascontiguousarray(indexes, dtype=np.int32).reshape(-1)
         if self._proc is None:
-            t = self.tables[table_id]
-            out = np.asarray(self._decoders[stream_id].decode_stream(indexes.tolist(), t.cdfs, t.lengths, t.offsets),
-                             dtype=np.int32)
+            out = _decode(self._decoders[stream_id], self.tables[table_id], indexes)
         else:
             self._conn.send((stream_id, table_id, indexes))
             timeout = 60.0 + 1e-5 * indexes.size
