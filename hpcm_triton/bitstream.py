@@ -128,7 +128,7 @@ def write(dest, model_name: str, model, compressed: dict) -> int:
     if hasattr(dest, "write"):
         dest.write(data)
     else:
-        from .images import atomic_write_bytes
+        from .outputs import atomic_write_bytes
 
         atomic_write_bytes(dest, data)
     return len(data)

@@ -15,9 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from .train_args import ALL_MODELS
+
 PROG = "hpcm-triton"
 COMMANDS = ("demo", "compress", "decompress", "train", "evaluate", "info")
-ALL_MODELS = ("hpcm-base", "hpcm-large", "phase1", "phase2", "phase3", "phase4")
 DEMO_DEFAULT_SIZE = "full"  # measured: all six variants on chelsea in ~2.5 min on the 2-core CPU
 UNTRAINED_NOTE = ("NOTE: weights are UNTRAINED (seeded deterministically from parameter names; no trained "
                   "checkpoint ships), so bitrates and PSNR show the coding path works, not compression quality.")
@@ -164,21 +165,6 @@ def cmd_decompress(args) -> int:
 
 
 # ---------------------------------------------------------------- train / evaluate / info
-def cmd_train(args) -> int:
-    from .train import load_dataset, seeded_model, train
-
-    data = load_dataset(args.data)
-    model = seeded_model(args.model, args.size)
-    hist = train(model, data, lmbda=args.lmbda, steps=args.steps, batch_size=args.batch_size, crop=args.crop,
-                 lr=args.lr, rwkv_lr=args.rwkv_lr, grad_clip=args.grad_clip, device=args.device, out_dir=args.out,
-                 resume=args.resume, model_name=args.model, checkpoint_every=args.checkpoint_every, seed=args.seed)
-    if hist["step"]:
-        print(f"step {hist['step'][-1]}: loss {hist['loss'][-1]:.4f}, bpp {hist['bpp'][-1]:.4f}, "
-              f"PSNR {hist['psnr'][-1]:.2f} dB")
-    print(f"checkpoint: {Path(args.out) / 'checkpoint.pt'}; curves: {Path(args.out) / 'curves.png'}")
-    return 0
-
-
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate
 
@@ -221,7 +207,7 @@ def cmd_info(args) -> int:
 
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from . import __version__, train_args
 
     p = argparse.ArgumentParser(prog=PROG, description="HPCM learned image compression and its RWKV hybrids. "
                                 "Without a subcommand, runs the demo.")
@@ -259,21 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--device", default="cpu")
     x.set_defaults(func=cmd_decompress)
 
-    t = sub.add_parser("train", help="train a variant (λ·255²·MSE + bpp)")
-    common(t)
-    t.add_argument("--lmbda", type=float, default=0.0067)
-    t.add_argument("--data", default=None, help="a folder of images (default: the bundled photos)")
-    t.add_argument("--steps", type=int, default=1000)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--crop", type=int, default=256)
-    t.add_argument("--lr", type=float, default=1e-4)
-    t.add_argument("--rwkv-lr", type=float, default=5e-5)
-    t.add_argument("--grad-clip", type=float, default=1.0)
-    t.add_argument("--checkpoint-every", type=int, default=100)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    t.add_argument("--out", default="runs/train")
-    t.set_defaults(func=cmd_train)
+    train_args.register(sub)  # train (and export): hpcm_triton/train_args.py
 
     e = sub.add_parser("evaluate", help="RD evaluation with real bitstreams (CompressAI results JSON, RD plot)")
     e.add_argument("checkpoints", nargs="*", help="checkpoints, one RD point each (none: the seeded untrained model)")

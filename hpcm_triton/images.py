@@ -5,7 +5,6 @@ Tensors here are (1, 3, H, W) float32 in [0, 1] unless stated otherwise.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -124,24 +123,6 @@ def image_files(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to a temporary file next to ``path``, then rename: never a partial file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def save_image(x: torch.Tensor, path: str | os.PathLike) -> None:
     """Save a (1, 3, H, W) or (3, H, W) image in [0, 1] (8-bit rounded); format from the suffix."""
     import io
@@ -158,6 +139,8 @@ def save_image(x: torch.Tensor, path: str | os.PathLike) -> None:
         raise ValueError(f"{path}: unknown image suffix; use .png")
     buf = io.BytesIO()
     Image.fromarray(a, "RGB").save(buf, format=fmt)
+    from .outputs import atomic_write_bytes
+
     atomic_write_bytes(path, buf.getvalue())
 
 

@@ -14,13 +14,13 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .models import TINY
+from .outputs import atomic_write
 from .models.config import HPCMConfig
 from .models.seeded import seeded_init_
 from .models.zoo import MODELS, get_model, param_groups
@@ -78,15 +78,7 @@ def load_checkpoint(path: str | os.PathLike, name: str | None = None, device: st
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 # ---------------------------------------------------------------- data

@@ -6,6 +6,6 @@ Public API::
 
 See :func:`kernels_triton.biwkv4.biwkv4` for the formula, shapes and dtypes.
 """
-from .biwkv4 import biwkv4, BiWKV4Function, biwkv4_reference
+from .biwkv4 import biwkv4, BiWKV4Function, biwkv4_reference, shape_only_selection
 
-__all__ = ["biwkv4", "BiWKV4Function", "biwkv4_reference"]
+__all__ = ["biwkv4", "BiWKV4Function", "biwkv4_reference", "shape_only_selection"]

@@ -41,7 +41,8 @@ import torch
 
 from reference.biwkv4 import biwkv4_scan as biwkv4_reference
 
-__all__ = ["biwkv4", "BiWKV4Function", "biwkv4_reference", "poison_outputs", "choose_strategy"]
+__all__ = ["biwkv4", "BiWKV4Function", "biwkv4_reference", "poison_outputs", "choose_strategy",
+           "shape_only_selection"]
 
 _BACKENDS = ("auto", "torch", "triton")
 _STRATEGIES = (None, "sequential", "chunked")
@@ -63,6 +64,22 @@ def poison_outputs(enabled: bool = True):
         yield
     finally:
         _POISON = old
+
+
+_SHAPE_ONLY = False
+
+
+@contextlib.contextmanager
+def shape_only_selection(enabled: bool = True):
+    """Kernel choice (strategy, tile sizes, launch configs) from the shapes alone: no autotune
+    JSON, no runtime timing. The coding path (compress/decompress) runs under this so an encoder
+    and a later decoder run the same reductions whatever their caches hold."""
+    global _SHAPE_ONLY
+    old, _SHAPE_ONLY = _SHAPE_ONLY, enabled
+    try:
+        yield
+    finally:
+        _SHAPE_ONLY = old
 
 
 def _alloc(shape, dtype, device):
