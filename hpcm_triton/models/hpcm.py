@@ -348,5 +348,17 @@ class HPCM(nn.Module):
         return {"x_hat": x_hat}
 
     # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu") -> "HPCM":
+        """A ready model (eval mode, CDF tables built) from a training checkpoint or exported
+        weights (``hpcm-triton export``); delegates to :func:`hpcm_triton.train.load_checkpoint`.
+        Called on a variant class (e.g. ``HPCM_Phase3``), a checkpoint of another variant is refused."""
+        from ..training.checkpoint import load_checkpoint
+
+        model, _, _ = load_checkpoint(path, device=device)
+        if cls is not HPCM and not isinstance(model, cls):
+            raise ValueError(f"{path}: checkpoint is for {type(model).__name__}, not {cls.__name__}")
+        return model
+
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in asdict(self.config).items() if getattr(BASE, k) != v) or "HPCM-Base"
