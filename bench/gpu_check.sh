@@ -57,3 +57,4 @@ print(f"| python -m kernels_triton.autotune | {st(rc_tune)} |")
 print(f"| wall time | {elapsed} s |")
 PYEOF
 [ "$RC_TEST" = 0 ] && [ "$RC_BENCH" = 0 ] && [ "$RC_TUNE" = 0 ]
+RC_ALL=$?; echo "== training benchmark =="; timeout 300 "$PY" bench/bench_train.py --device cuda > "$OUT/bench_train.md" 2>&1; cat "$OUT/bench_train.md"; exit $RC_ALL

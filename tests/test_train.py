@@ -3,6 +3,7 @@ validation and best.pt, export, official starts, mixed precision, and one-line e
 TINY widths, 128² crops, a few steps each."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -131,6 +132,8 @@ def test_validation_best_and_export(tmp_path, photos):
     for v in vals:  # real bytes: y and z separately, whole bytes per image
         assert v["bpp"] == pytest.approx(v["bpp_y"] + v["bpp_z"]) and v["bpp_z"] > 0 and 0 < v["psnr"] < 60
         assert v["loss"] == pytest.approx(0.0067 * 255 ** 2 * v["mse"] + v["bpp"])
+    if importlib.util.find_spec("tensorboard") is not None:  # the optional extra
+        assert list((tmp_path / "v" / "tb").glob("events.out.tfevents.*"))
     best = tmp_path / "v" / "best.pt"
     ck = torch.load(best, weights_only=True)
     assert ck["best_val"] == min(v["loss"] for v in vals) and ck["step"] == ck["best_step"]
@@ -239,7 +242,7 @@ def test_refuses_to_overwrite_a_run_and_to_change_lambda(tmp_path, photos, capsy
     t = ["train", "--size", "tiny", "--out", tmp_path / "run", "--data", photos, "--val-every", "0", "--crop", "128",
          "--batch-size", "1", "--workers", "0", "--checkpoint-every", "1"]
     assert cli.main(list(map(str, t + ["--steps", "1"]))) == 0
-    capsys.readouterr()
+    assert "step 1: loss" in capsys.readouterr().out  # plain progress lines when stdout is not a terminal
     assert "already holds a run" in _error(capsys, *t, "--steps", "2")
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 1
     assert "--override" in _error(capsys, *t, "--steps", "2", "--resume", "--lmbda", "0.013")
