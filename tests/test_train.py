@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -103,14 +104,14 @@ def test_resume_is_exact_with_workers_and_scheduler(tmp_path, photos):
     assert start["too_small"] == 1 and start["unreadable"] == 1
 
 
-def test_two_gloo_processes_equal_one(tmp_path):
+def test_two_gloo_processes_equal_one(tmp_path, photos):
     args = ["train", "--model", "phase3", "--size", "tiny", "--steps", "3", "--batch-size", "2", "--crop", "128",
-            "--workers", "0", "--val-every", "0", "--log-every", "1", "--seed", "3"]
+            "--workers", "0", "--val-every", "0", "--log-every", "1", "--seed", "3", "--data", str(photos)]
     r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                          "-m", "hpcm_triton", *args, "--out", str(tmp_path / "k2")],
                         capture_output=True, text=True, env=ENV, timeout=400)
     assert r2.returncode == 0, r2.stderr[-3000:]
-    one = train(tmp_path / "k1", steps=3, seed=3, **FAST)
+    one = train(tmp_path / "k1", steps=3, seed=3, data=str(photos), **FAST)
     two = torch.load(tmp_path / "k2" / "checkpoint.pt", weights_only=True)
     assert two["world_size"] == 2 and len(two["rng"]["cpu"]) == 2
     a = one["model"].state_dict()
@@ -155,19 +156,20 @@ def test_validation_best_and_export(tmp_path, photos):
     assert m.decompress(m.compress(x))["x_hat"].shape == x.shape
 
 
-def test_init_official_freeze_and_wrappers(tmp_path):
+def test_init_official_freeze_and_wrappers(tmp_path, photos):
     base = seeded_model("hpcm-base", "tiny")
     sd = {f"module.{k}": v for k, v in base.state_dict().items() if not k.startswith("adaptive_params_list")}
     official = tmp_path / "official.pth.tar"
     torch.save({"state_dict": sd, "epoch": 3}, official)
     with pytest.warns(UserWarning, match="adaptive_params_list"):
-        res = train(tmp_path / "o", steps=2, init_official=str(official), freeze_inherited=1, **FAST)
+        res = train(tmp_path / "o", steps=2, init_official=str(official), freeze_inherited=1, data=str(photos), **FAST)
     start = _lines(tmp_path / "o" / "log.jsonl")[0]
     assert start["new_modules"] == ["attn_s1", "attn_s2", "attn_s3", "context_net.0", "context_net.1"]
     m = res["model"].state_dict()
     # inherited weights: loaded, then step 1 frozen, step 2 trained
     assert not torch.equal(m["g_a.branch.0.weight"], base.state_dict()["g_a.branch.0.weight"])
-    frozen = train(tmp_path / "f", steps=1, init_official=str(official), freeze_inherited=1, **FAST)["model"]
+    frozen = train(tmp_path / "f", steps=1, init_official=str(official), freeze_inherited=1, data=str(photos),
+                   **FAST)["model"]
     fs = frozen.state_dict()
     assert torch.equal(fs["g_a.branch.0.weight"], base.state_dict()["g_a.branch.0.weight"])
     fresh, _ = build_model({"model": "phase3", "size": "tiny", "seed": 0, "init_official": None})
@@ -202,8 +204,8 @@ def test_amp_bf16_keeps_the_rate_in_float32():
     assert abs(plain / ref - 1) > 0.05, (ref, plain)
 
 
-def test_amp_and_checkpointing_train_step(tmp_path):
-    res = train(tmp_path / "a", steps=1, amp="bf16", grad_checkpointing=True, **FAST)
+def test_amp_and_checkpointing_train_step(tmp_path, photos):
+    res = train(tmp_path / "a", steps=1, amp="bf16", grad_checkpointing=True, data=str(photos), **FAST)
     assert res["skipped"] == 0 and res["last"]["loss"] > 0
     assert all(m.use_checkpoint for m in res["model"].modules() if type(m).__name__ == "RWKVContextCell")
 
@@ -255,3 +257,31 @@ def test_refuses_to_overwrite_a_run_and_to_change_lambda(tmp_path, photos, capsy
     recs = _lines(tmp_path / "run" / "log.jsonl")
     assert recs[-2]["event"] == "train" and recs[-2]["lr"]["base"] == 3e-4
     assert any("learning rates set" in n for n in [r for r in recs if r["event"] == "resume"][0]["notes"])
+
+
+def test_non_finite_step_is_skipped_and_counted(tmp_path, monkeypatch, photos):
+    from hpcm_triton.training import loop
+
+    real, calls = loop.rd_loss, []
+
+    def poisoned(out, x, lmbda, metric="mse"):
+        t = real(out, x, lmbda, metric)
+        calls.append(1)
+        if len(calls) == 2:
+            t["loss"] = t["loss"] * float("nan")
+        return t
+
+    monkeypatch.setattr(loop, "rd_loss", poisoned)
+    res = train(tmp_path / "n", steps=2, data=str(photos), **FAST)
+    monkeypatch.setattr(loop, "rd_loss", real)
+    assert res["skipped"] == 1 and math.isnan(res["history"]["loss"][1])
+    one = train(tmp_path / "one", steps=1, data=str(photos), **FAST)["model"].state_dict()
+    assert all(torch.equal(v, one[k]) for k, v in res["model"].state_dict().items())  # no update at step 2
+
+
+def test_ms_ssim_metric_step(tmp_path):
+    res = train(tmp_path / "m", steps=1, metric="ms-ssim", lmbda=8.73, data="bundled",
+                **{**FAST, "crop": 192, "batch_size": 1})
+    assert res["skipped"] == 0 and math.isfinite(res["last"]["loss"])
+    with pytest.raises(ValueError, match="crop > 160"):
+        train(tmp_path / "m2", steps=1, metric="ms-ssim", **FAST)

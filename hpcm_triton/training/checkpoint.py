@@ -16,6 +16,7 @@ stripped.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -103,6 +104,10 @@ def load_checkpoint(path: str | os.PathLike, name: str | None = None, device: st
             raise ValueError(f"{path}: {e}") from None
         model = MODELS[name.lower()].from_official_state_dict(sd)
         name = name.lower()
+        new = getattr(model, "load_report", {}).get("new_modules")
+        if new:
+            warnings.warn(f"{path}: an official state_dict loaded into {name}: {', '.join(new)} are untrained "
+                          "(fine-tune them with `train --init-official`)", stacklevel=2)
     model.to(device).eval()
     model.update(force=True)
     return model, name, ck

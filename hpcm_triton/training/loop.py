@@ -670,10 +670,12 @@ def _run(cfg, changed, given, saved, out, ckpt_path, best_path, resume, force, d
             log.progress(step, last)
             window.clear()
             t_window = time.perf_counter()
+        t_aside = time.perf_counter()
         if cfg["val_every"] and step % cfg["val_every"] == 0:
             run_validation(step)
         if step % cfg["checkpoint_every"] == 0 or step == cfg["steps"]:
             save(ckpt_path, step)
+        t_window += time.perf_counter() - t_aside  # images/s counts training time only
     if saved is not None and step == int(saved["step"]):  # resumed at or past --steps: nothing to do
         log.say(f"already at step {step} ≥ --steps {cfg['steps']}: nothing to train")
     log.write({"event": "end", "step": step, "skipped": skipped, "best_val": best_val, "best_step": best_step,
