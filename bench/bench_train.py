@@ -10,8 +10,10 @@ machine and torch version.
                                                                        # fp32/bf16 × checkpointing on/off
 
 Peak memory: CUDA ``max_memory_allocated`` during the timed steps above what was allocated
-before them (model and optimizer state included in the base); CPU: RSS growth sampled by a
-thread (coarse: short peaks can be missed, memory freed by an earlier combination is reused).
+before them (model and optimizer state included in the base); CPU: RSS growth over warm-up and
+timed steps above the RSS with the model built (so Adam's state is included), sampled by a
+thread (coarse: short peaks can be missed), each combination in its own subprocess (memory
+freed by an earlier one would be reused).
 A combination that runs out of memory is reported as OOM and the table goes on.
 """
 from __future__ import annotations
@@ -19,6 +21,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import json
+import subprocess
 import platform
 import sys
 import time
@@ -59,11 +63,11 @@ def bench_one(name: str, size: str, amp: str, ckpt: bool, dev: torch.device, bat
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
-    for i in range(warmup):
-        step(i)
-    _sync(dev)
-    gc.collect()
     if dev.type == "cuda":
+        for i in range(warmup):
+            step(i)
+        _sync(dev)
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
@@ -76,7 +80,10 @@ def bench_one(name: str, size: str, amp: str, ckpt: bool, dev: torch.device, bat
     else:
         from bench_models import _RssPeak
 
-        with _RssPeak() as m:
+        gc.collect()
+        with _RssPeak() as m:  # base: the RSS with the model built, before the first step
+            for i in range(warmup):
+                step(i)
             t = time.perf_counter()
             for i in range(steps):
                 step(warmup + i)
@@ -95,9 +102,10 @@ def main(argv=None) -> int:
     p.add_argument("--crop", type=int, default=None, help="default: 128 on CPU, 256 on CUDA")
     p.add_argument("--amp", nargs="+", default=["none", "bf16"], choices=("none", "bf16", "fp16"))
     p.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=("off", "on"))
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=None, help="default: 2 on CUDA, 1 on CPU")
+    p.add_argument("--steps", type=int, default=None, help="default: 5 on CUDA, 3 on CPU")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one combination, JSON out
     a = p.parse_args(argv)
     dev = torch.device(a.device)
     cuda = dev.type == "cuda"
@@ -109,6 +117,12 @@ def main(argv=None) -> int:
     size = a.size or ("full" if cuda else "tiny")
     batch = a.batch_size or (8 if cuda else 2)
     crop = a.crop or (256 if cuda else 128)
+    a.warmup = a.warmup if a.warmup is not None else (2 if cuda else 1)
+    a.steps = a.steps or (5 if cuda else 3)
+    if a.one:
+        name, amp, ck = a.one.split(",")
+        print(json.dumps(bench_one(name, size, amp, ck == "on", dev, batch, crop, a.warmup, a.steps)))
+        return 0
     machine = torch.cuda.get_device_name(dev) if cuda else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     print(f"### hpcm-triton training benchmark, {datetime.datetime.now().isoformat(timespec='seconds')}\n")
     print(f"machine: {machine}; torch {torch.__version__}; python {platform.python_version()}  ")
@@ -121,7 +135,13 @@ def main(argv=None) -> int:
         for amp in a.amp:
             for ck in a.checkpointing:
                 try:
-                    r = bench_one(name, size, amp, ck == "on", dev, batch, crop, a.warmup, a.steps)
+                    if cuda:
+                        r = bench_one(name, size, amp, ck == "on", dev, batch, crop, a.warmup, a.steps)
+                    else:
+                        cmd = [sys.executable, __file__, "--one", f"{name},{amp},{ck}", "--device", a.device,
+                               "--size", size, "--batch-size", str(batch), "--crop", str(crop), "--warmup",
+                               str(a.warmup), "--steps", str(a.steps)] + (["--threads", str(a.threads)] if a.threads else [])
+                        r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
                     row = f"{r['params']:,} | {amp if amp != 'none' else 'fp32'} | {ck} | {r['images_per_s']:.2f} | " \
                           f"{r['step_s']:.3f} | {r['peak_mib']:.0f}"
                 except torch.cuda.OutOfMemoryError:
