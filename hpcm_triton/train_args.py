@@ -101,7 +101,8 @@ def register(sub) -> None:
     g.add_argument("--val-max-images", type=int, default=None, help="use the first N validation images, 0 = all")
     g = t.add_argument_group("optimisation")
     g.add_argument("--lmbda", type=float, default=None, help=f"λ of the RD loss, > 0 (default {d['lmbda']})")
-    g.add_argument("--metric", default=None, choices=METRICS, help="mse: λ·255²·MSE + bpp; ms-ssim: λ·(1 − MS-SSIM) "
+    g.add_argument("--metric", default=None, choices=METRICS,
+                   help="mse: λ·255²·MSE + bpp; ms-ssim: λ·(1 − MS-SSIM) "
                    "+ bpp (default mse)")
     g.add_argument("--steps", type=int, default=None, help=f"total optimizer steps (default {d['steps']})")
     g.add_argument("--lr", type=float, default=None, help=f"Adam learning rate of the inherited/base parts "

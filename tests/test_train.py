@@ -115,7 +115,8 @@ def test_two_gloo_processes_equal_one(tmp_path, photos):
     two = torch.load(tmp_path / "k2" / "checkpoint.pt", weights_only=True)
     assert two["world_size"] == 2 and len(two["rng"]["cpu"]) == 2
     a = one["model"].state_dict()
-    worst = max((a[k] - two["state_dict"][k]).abs().max().item() for k in a if a[k].is_floating_point() and a[k].numel())
+    worst = max((a[k] - two["state_dict"][k]).abs().max().item()
+                for k in a if a[k].is_floating_point() and a[k].numel())
     init, _ = build_model({"model": "phase3", "size": "tiny", "seed": 3, "init_official": None})
     moved = max((a[k] - v).abs().max().item() for k, v in init.state_dict().items()
                 if v.is_floating_point() and v.numel() and "decay" not in k)

@@ -69,7 +69,8 @@ def resolve_config(given: dict, saved: dict | None = None, override: bool = Fals
     if saved is not None:
         refused = [k for k in changed if k in IDENTITY]
         if refused and not override:
-            raise ValueError("resume would change " + ", ".join(f"{k} ({saved.get(k)!r} → {cfg[k]!r})" for k in refused)
+            what = ", ".join(f"{k} ({saved.get(k)!r} → {cfg[k]!r})" for k in refused)
+            raise ValueError(f"resume would change {what}"
                              + ": pass --override to accept")
     return cfg, changed
 
@@ -89,7 +90,8 @@ def validate_config(cfg: dict) -> dict:
     for k, flag in (("lmbda", "--lmbda"), ("lr", "--lr"), ("rwkv_lr", "--rwkv-lr"), ("gamma", "--gamma")):
         v = cfg[k]
         need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f"{flag} must be > 0, got {v}")
-    need(math.isfinite(cfg["grad_clip"]) and cfg["grad_clip"] >= 0, f"--grad-clip must be ≥ 0, got {cfg['grad_clip']}")
+    need(math.isfinite(cfg["grad_clip"]) and cfg["grad_clip"] >= 0,
+         f"--grad-clip must be ≥ 0, got {cfg['grad_clip']}")
     for k, lo in (("steps", 1), ("batch_size", 1), ("checkpoint_every", 1), ("log_every", 1), ("workers", 0),
                   ("val_every", 0), ("val_max_images", 0), ("freeze_inherited", 0), ("seed", 0), ("val_crop", 0)):
         v = cfg[k]
