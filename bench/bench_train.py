@@ -123,11 +123,13 @@ def main(argv=None) -> int:
         name, amp, ck = a.one.split(",")
         print(json.dumps(bench_one(name, size, amp, ck == "on", dev, batch, crop, a.warmup, a.steps)))
         return 0
-    machine = torch.cuda.get_device_name(dev) if cuda else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    machine = (torch.cuda.get_device_name(dev) if cuda
+               else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
     print(f"### hpcm-triton training benchmark, {datetime.datetime.now().isoformat(timespec='seconds')}\n")
     print(f"machine: {machine}; torch {torch.__version__}; python {platform.python_version()}  ")
     print(f"widths: {size}; batch {batch}, crop {crop}²; designed initialisation; time: {a.steps} steps after "
-          f"{a.warmup} warm-up steps; peak memory: {'CUDA max_memory_allocated above model+optimizer' if cuda else 'RSS growth (coarse)'}\n")
+          f"{a.warmup} warm-up steps; peak memory: "
+          f"{'CUDA max_memory_allocated above model+optimizer' if cuda else 'RSS growth (coarse)'}\n")
     print("| model | params | precision | grad checkpointing | images/s | s/step | peak MiB |")
     print("|---|---:|---|---|---:|---:|---:|")
     t0 = time.perf_counter()
@@ -140,8 +142,10 @@ def main(argv=None) -> int:
                     else:
                         cmd = [sys.executable, __file__, "--one", f"{name},{amp},{ck}", "--device", a.device,
                                "--size", size, "--batch-size", str(batch), "--crop", str(crop), "--warmup",
-                               str(a.warmup), "--steps", str(a.steps)] + (["--threads", str(a.threads)] if a.threads else [])
-                        r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+                               str(a.warmup), "--steps", str(a.steps)]
+                        cmd += ["--threads", str(a.threads)] if a.threads else []
+                        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                        r = json.loads(res.stdout.splitlines()[-1])
                     row = f"{r['params']:,} | {amp if amp != 'none' else 'fp32'} | {ck} | {r['images_per_s']:.2f} | " \
                           f"{r['step_s']:.3f} | {r['peak_mib']:.0f}"
                 except torch.cuda.OutOfMemoryError:
