@@ -61,13 +61,46 @@ def test_arch(name):
     assert rates == [2, 3, 4][3 - len(rates):]
 
 
+# Full-size parameter counts, counted by building each variant (Base and Large as published).
+FULL_SIZE_PARAMS = {"hpcm-base": 68_505_299, "hpcm-large": 89_718_803, "phase1": 72_672_991, "phase2": 78_550_775,
+                    "phase3": 89_300_231, "phase4": 132_043_319}
+
+
+def _count_on_meta(name, **kw):
+    with torch.device("meta"):  # shapes only: no memory, no initialisation time
+        m = get_model(name, **kw)
+    return sum(p.numel() for p in m.parameters()), m
+
+
 def test_full_size_parameter_counts():
-    counts = {n: sum(p.numel() for p in get_model(n).parameters()) for n in VARIANTS}
-    assert counts["hpcm-base"] == 68_505_299 and counts["hpcm-large"] == 89_718_803
+    counts = {n: _count_on_meta(n)[0] for n in VARIANTS}
+    assert counts == FULL_SIZE_PARAMS
     # Phase 3 adds exactly the two RWKVFusionNets in place of two conv1×1(640, 640).
     fusion = sum(p.numel() for p in RWKVFusionNet(640, num_blocks=1, hidden_rate=4).parameters())
     assert counts["phase3"] - counts["phase2"] == 2 * (fusion - (640 * 640 + 640))
-    assert counts["phase1"] < counts["phase2"] < counts["phase3"] < counts["phase4"]
+
+
+def test_phase4_prior_blocks_are_configurable():
+    from hpcm_triton.models.config import FORK_PHASE4, PHASES, HPCMConfig
+    from hpcm_triton.rwkv import RWKVFusionBlock
+
+    def blocks(prior):
+        return (sum(isinstance(m, RWKVFusionBlock) for m in prior.branch_1),
+                sum(isinstance(m, RWKVFusionBlock) for m in prior.branch_2))
+
+    # The seed's Phase 4 builds 2 + 1 RWKV blocks in both priors, and the config says so.
+    assert PHASES[4].rwkv_prior_s1_s2_blocks == (2, 1) and PHASES[4].rwkv_prior_s3_blocks == (2, 1)
+    seed_count, seed = _count_on_meta("phase4")
+    assert blocks(seed.y_spatial_prior_s1_s2) == (2, 1) and blocks(seed.y_spatial_prior_s3) == (2, 1)
+    # The public fork's 3 + 2 s3 prior is selectable and is what gets built.
+    fork_count, fork = _count_on_meta("phase4", rwkv_prior_s3_blocks=FORK_PHASE4.rwkv_prior_s3_blocks)
+    assert blocks(fork.y_spatial_prior_s1_s2) == (2, 1) and blocks(fork.y_spatial_prior_s3) == (3, 2)
+    # One RWKVFusionBlock(960, rate 4) has 12,055,688 parameters; the fork's s3 prior adds two.
+    assert fork_count - seed_count == 2 * 12_055_688 and fork_count == 156_154_695
+    # Training checkpoints saved with the old single field still rebuild the same model.
+    assert HPCMConfig.json_fields({"rwkv_prior_blocks": 3})["rwkv_prior_s3_blocks"] == (3, 1)
+    with pytest.raises(ValueError, match="rwkv_prior_s3_blocks"):
+        HPCMConfig(rwkv_prior_s3_blocks=(3,))
 
 
 def test_param_groups_follow_the_seed():

@@ -88,9 +88,10 @@ class HPCM(nn.Module):
         else:
             from ..rwkv import RWKVSpatialPrior
 
-            self.y_spatial_prior_s1_s2 = RWKVSpatialPrior(M, num_blocks=cfg.rwkv_prior_blocks,
+            (b1, a1), (b3, a3) = cfg.rwkv_prior_s1_s2_blocks, cfg.rwkv_prior_s3_blocks
+            self.y_spatial_prior_s1_s2 = RWKVSpatialPrior(M, num_blocks=b1, num_post_blocks=a1,
                                                           use_checkpoint=cfg.use_checkpoint)
-            self.y_spatial_prior_s3 = RWKVSpatialPrior(M, num_blocks=cfg.rwkv_prior_blocks,
+            self.y_spatial_prior_s3 = RWKVSpatialPrior(M, num_blocks=b3, num_post_blocks=a3,
                                                        use_checkpoint=cfg.use_checkpoint)
         # One per prior call after the first step (1 + 3 + 6); multiplies the prior's features.
         self.adaptive_params_list = nn.ParameterList(nn.Parameter(torch.ones(1, 3 * M, 1, 1)) for _ in range(10))
