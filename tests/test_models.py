@@ -308,3 +308,48 @@ def test_channels_last_input_codes_like_contiguous(chelsea):
     assert m.compress(cl)["strings"] == m.compress(x)["strings"]
     with torch.no_grad():
         assert torch.equal(m(cl)["x_hat"].clamp(0, 1), m.decompress(m.compress(x))["x_hat"])
+
+
+# ---------------------------------------------------------------- mask cache
+def _mask_sets(C, H, W, device, dtype=torch.float32):
+    """Every mask set one schedule run uses, for a y of (1, C, H, W)."""
+    from hpcm_triton.models import masks
+
+    return [masks.two_part(1, C, H // 4, W // 4, dtype, device), masks.four_part(1, C, H // 2, W // 2, dtype, device),
+            masks.eight_part(1, C, H, W, dtype, device), masks.rec_s2(1, C, H // 2, W // 2, dtype, device),
+            masks.s2_in_full(1, C, H, W, dtype, device), masks.s1_in_full(1, C, H, W, dtype, device)]
+
+
+def test_mask_cache_is_bounded_by_bytes(monkeypatch):
+    import weakref
+
+    from hpcm_triton.models import masks
+
+    # A 4K frame at the official widths (y: 320 × 144 × 240 after padding), on the meta device:
+    # sizes only. Its masks are ~475 MB; the cache keeps at most its limit of them.
+    monkeypatch.setattr(masks, "CACHE_LIMIT_BYTES", 256 * 2 ** 20)
+    masks.cache_clear()
+    sets = _mask_sets(320, 144, 240, "meta")
+    total = sum(masks._nbytes(s) for s in sets)
+    assert total > 450 * 2 ** 20
+    assert 0 < masks.cache_bytes() <= 256 * 2 ** 20
+
+    # Many distinct image sizes: the cache never holds more than the limit, least recently used go first.
+    monkeypatch.setattr(masks, "CACHE_LIMIT_BYTES", 3 * 2 ** 20)
+    masks.cache_clear()
+    for h in range(16, 112, 16):
+        _mask_sets(32, h, 64, "cpu")
+        assert masks.cache_bytes() <= 3 * 2 ** 20
+    # A set larger than the limit is built, returned and not kept.
+    big = masks.eight_part(1, 64, 128, 128, torch.float32, "cpu")
+    assert masks._nbytes(big) > 3 * 2 ** 20
+    ref = weakref.ref(big[0])
+    del big
+    assert ref() is None, "an over-limit mask set stayed cached"
+    # Cached or not, the masks are the same.
+    again = masks.eight_part(1, 64, 128, 128, torch.float32, "cpu")
+    monkeypatch.setattr(masks, "CACHE_LIMIT_BYTES", 2 ** 30)
+    masks.cache_clear()
+    for a, b in zip(again, masks.eight_part(1, 64, 128, 128, torch.float32, "cpu")):
+        assert torch.equal(a, b)
+    masks.cache_clear()
