@@ -208,9 +208,10 @@ def plot_rd(results: dict, path: str | os.PathLike, data_label: str) -> None:
     for label, c in pub.items():
         ax.plot(c["bpp"], c["psnr-rgb"], "--o", ms=3, lw=1, color=styles.get(label), label=f"{label} (published, Kodak)")
     r = results["results"]
-    pts = sorted(zip(r["bpp"], r["psnr-rgb"]))
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], "-s", color="C3", ms=6,
-            label=f"{results['name']} (ours, {data_label})")
+    if "psnr-rgb" in r:  # left out only if some PSNR was not finite (see the log)
+        pts = sorted(zip(r["bpp"], r["psnr-rgb"]))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-s", color="C3", ms=6,
+                label=f"{results['name']} (ours, {data_label})")
     ax.set_xlabel("bpp (y + z streams)")
     ax.set_ylabel("PSNR-RGB (dB)")
     ax.set_title("Rate–distortion (published points are Kodak; ours are the images evaluated)", fontsize=9)
