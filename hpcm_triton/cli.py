@@ -259,8 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train_args.register(sub)  # train (and export): hpcm_triton/train_args.py
 
-    e = sub.add_parser("evaluate", help="RD evaluation with real bitstreams (CompressAI results JSON, RD plot, "
-                       "BD-rates)")
+    e = sub.add_parser("evaluate", help="RD evaluation with real bitstreams (CompressAI results JSON, RD plot)")
     e.add_argument("checkpoints", nargs="*", help="checkpoints, one RD point each (none: the seeded untrained model)")
     e.add_argument("--model", default=None, choices=ALL_MODELS, type=str.lower,
                    help="the checkpoints' model: needed for official state_dicts, checked against training "

@@ -1,4 +1,4 @@
-from .config import BASE, FORK_PHASE4, LARGE, PHASES, PRESETS, TINY, HPCMConfig
+from .config import BASE, LARGE, PHASES, PRESETS, TINY, HPCMConfig
 from .hpcm import HPCM, crop_centered, pad_centered
 
-__all__ = ["BASE", "FORK_PHASE4", "LARGE", "PHASES", "PRESETS", "TINY", "HPCMConfig", "HPCM", "crop_centered", "pad_centered"]
+__all__ = ["BASE", "LARGE", "PHASES", "PRESETS", "TINY", "HPCMConfig", "HPCM", "crop_centered", "pad_centered"]
