@@ -166,21 +166,33 @@ def cmd_decompress(args) -> int:
 
 # ---------------------------------------------------------------- train / evaluate / info
 def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate
+    from .evaluate import compare_files, evaluate
 
+    if args.compare:
+        res = compare_files(*args.compare)
+        for metric, v in res["bd_rate"].items():
+            print(f"BD-rate ({metric}) of {res['test']} vs {res['anchor']}: {v:+.2f} %")
+        for n in res["notes"]:
+            print(n)
+        return 0
     res = evaluate(args.checkpoints or None, model_name=args.model, size=args.size, data=args.data,
-                   out_dir=args.out, name=args.name, device=args.device, max_images=args.max_images)
+                   out_dir=args.out, name=args.name, device=args.device, max_images=args.max_images,
+                   anchor_files=args.anchor or ())
     if not args.checkpoints:
         print(UNTRAINED_NOTE)
     r = res["results"]
-    print(f"{'point':<6} {'bpp':>8} {'PSNR':>8} {'MS-SSIM':>8} {'enc s':>7} {'dec s':>7}")
+    cols = [("bpp", "bpp", "{:.4f}"), ("bpp-file", "bpp file", "{:.4f}"), ("psnr-rgb", "PSNR", "{:.2f}"),
+            ("ms-ssim-rgb", "MS-SSIM", "{:.4f}"), ("encoding_time", "enc s", "{:.2f}"),
+            ("decoding_time", "dec s", "{:.2f}")]
+    cols = [c for c in cols if c[0] in r]
+    print(f"{'point':<6} " + " ".join(f"{h:>8}" for _, h, _ in cols))
     for i in range(len(r["bpp"])):
-        ms = r["ms-ssim-rgb"][i]
-        print(f"{i:<6} {r['bpp'][i]:>8.4f} {r['psnr-rgb'][i]:>8.2f} {'n/a' if ms is None else f'{ms:.4f}':>8} "
-              f"{r['encoding_time'][i]:>7.2f} {r['decoding_time'][i]:>7.2f}")
-    bd = res["bd_rate_vs_vtm"]
-    print(res["bd_rate_note"] if bd is None else f"BD-rate vs VTM: {bd:+.2f} % ({res['bd_rate_note']})")
-    print(f"wrote {res['files']['results']}, {res['files']['per_image']}, {res['files']['plot']}")
+        print(f"{i:<6} " + " ".join(f"{fmt.format(r[k][i]):>8}" for k, _, fmt in cols))
+    for label, values in res["bd_rate"].items():
+        print(f"BD-rate vs {label}: " + ", ".join(f"{m} {v:+.2f} %" for m, v in values.items()))
+    for n in res["notes"]:
+        print(f"note: {n}")
+    print("wrote " + ", ".join(res["files"].values()))
     return 0
 
 
@@ -249,7 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="RD evaluation with real bitstreams (CompressAI results JSON, RD plot)")
     e.add_argument("checkpoints", nargs="*", help="checkpoints, one RD point each (none: the seeded untrained model)")
-    common(e)
+    e.add_argument("--model", default=None, choices=ALL_MODELS, type=str.lower,
+                   help="the checkpoints' model: needed for official state_dicts, checked against training "
+                        "checkpoints; without checkpoints the untrained model to evaluate (default phase3)")
+    common(e, model=False)
+    e.add_argument("--anchor", action="append", metavar="RESULTS.json",
+                   help="also report BD-rates against this results file (repeatable)")
+    e.add_argument("--compare", nargs=2, metavar=("TEST.json", "ANCHOR.json"),
+                   help="only compute BD-rates (PSNR, MS-SSIM) of one results file against another")
     e.add_argument("--data", default=None, help="a folder of images (default: the bundled photos)")
     e.add_argument("--max-images", type=int, default=None)
     e.add_argument("--name", default=None)

@@ -61,13 +61,46 @@ def test_arch(name):
     assert rates == [2, 3, 4][3 - len(rates):]
 
 
+# Full-size parameter counts, counted by building each variant (Base and Large as published).
+FULL_SIZE_PARAMS = {"hpcm-base": 68_505_299, "hpcm-large": 89_718_803, "phase1": 72_672_991, "phase2": 78_550_775,
+                    "phase3": 89_300_231, "phase4": 132_043_319}
+
+
+def _count_on_meta(name, **kw):
+    with torch.device("meta"):  # shapes only: no memory, no initialisation time
+        m = get_model(name, **kw)
+    return sum(p.numel() for p in m.parameters()), m
+
+
 def test_full_size_parameter_counts():
-    counts = {n: sum(p.numel() for p in get_model(n).parameters()) for n in VARIANTS}
-    assert counts["hpcm-base"] == 68_505_299 and counts["hpcm-large"] == 89_718_803
+    counts = {n: _count_on_meta(n)[0] for n in VARIANTS}
+    assert counts == FULL_SIZE_PARAMS
     # Phase 3 adds exactly the two RWKVFusionNets in place of two conv1×1(640, 640).
     fusion = sum(p.numel() for p in RWKVFusionNet(640, num_blocks=1, hidden_rate=4).parameters())
     assert counts["phase3"] - counts["phase2"] == 2 * (fusion - (640 * 640 + 640))
-    assert counts["phase1"] < counts["phase2"] < counts["phase3"] < counts["phase4"]
+
+
+def test_phase4_prior_blocks_are_configurable():
+    from hpcm_triton.models.config import FORK_PHASE4, PHASES, HPCMConfig
+    from hpcm_triton.rwkv import RWKVFusionBlock
+
+    def blocks(prior):
+        return (sum(isinstance(m, RWKVFusionBlock) for m in prior.branch_1),
+                sum(isinstance(m, RWKVFusionBlock) for m in prior.branch_2))
+
+    # The seed's Phase 4 builds 2 + 1 RWKV blocks in both priors, and the config says so.
+    assert PHASES[4].rwkv_prior_s1_s2_blocks == (2, 1) and PHASES[4].rwkv_prior_s3_blocks == (2, 1)
+    seed_count, seed = _count_on_meta("phase4")
+    assert blocks(seed.y_spatial_prior_s1_s2) == (2, 1) and blocks(seed.y_spatial_prior_s3) == (2, 1)
+    # The public fork's 3 + 2 s3 prior is selectable and is what gets built.
+    fork_count, fork = _count_on_meta("phase4", rwkv_prior_s3_blocks=FORK_PHASE4.rwkv_prior_s3_blocks)
+    assert blocks(fork.y_spatial_prior_s1_s2) == (2, 1) and blocks(fork.y_spatial_prior_s3) == (3, 2)
+    # One RWKVFusionBlock(960, rate 4) has 12,055,688 parameters; the fork's s3 prior adds two.
+    assert fork_count - seed_count == 2 * 12_055_688 and fork_count == 156_154_695
+    # Training checkpoints saved with the old single field still rebuild the same model.
+    assert HPCMConfig.json_fields({"rwkv_prior_blocks": 3})["rwkv_prior_s3_blocks"] == (3, 1)
+    with pytest.raises(ValueError, match="rwkv_prior_s3_blocks"):
+        HPCMConfig(rwkv_prior_s3_blocks=(3,))
 
 
 def test_param_groups_follow_the_seed():
@@ -275,3 +308,48 @@ def test_channels_last_input_codes_like_contiguous(chelsea):
     assert m.compress(cl)["strings"] == m.compress(x)["strings"]
     with torch.no_grad():
         assert torch.equal(m(cl)["x_hat"].clamp(0, 1), m.decompress(m.compress(x))["x_hat"])
+
+
+# ---------------------------------------------------------------- mask cache
+def _mask_sets(C, H, W, device, dtype=torch.float32):
+    """Every mask set one schedule run uses, for a y of (1, C, H, W)."""
+    from hpcm_triton.models import masks
+
+    return [masks.two_part(1, C, H // 4, W // 4, dtype, device), masks.four_part(1, C, H // 2, W // 2, dtype, device),
+            masks.eight_part(1, C, H, W, dtype, device), masks.rec_s2(1, C, H // 2, W // 2, dtype, device),
+            masks.s2_in_full(1, C, H, W, dtype, device), masks.s1_in_full(1, C, H, W, dtype, device)]
+
+
+def test_mask_cache_is_bounded_by_bytes(monkeypatch):
+    import weakref
+
+    from hpcm_triton.models import masks
+
+    # A 4K frame at the official widths (y: 320 × 144 × 240 after padding), on the meta device:
+    # sizes only. Its masks are ~475 MB; the cache keeps at most its limit of them.
+    monkeypatch.setattr(masks, "CACHE_LIMIT_BYTES", 256 * 2 ** 20)
+    masks.cache_clear()
+    sets = _mask_sets(320, 144, 240, "meta")
+    total = sum(masks._nbytes(s) for s in sets)
+    assert total > 450 * 2 ** 20
+    assert 0 < masks.cache_bytes() <= 256 * 2 ** 20
+
+    # Many distinct image sizes: the cache never holds more than the limit, least recently used go first.
+    monkeypatch.setattr(masks, "CACHE_LIMIT_BYTES", 3 * 2 ** 20)
+    masks.cache_clear()
+    for h in range(16, 112, 16):
+        _mask_sets(32, h, 64, "cpu")
+        assert masks.cache_bytes() <= 3 * 2 ** 20
+    # A set larger than the limit is built, returned and not kept.
+    big = masks.eight_part(1, 64, 128, 128, torch.float32, "cpu")
+    assert masks._nbytes(big) > 3 * 2 ** 20
+    ref = weakref.ref(big[0])
+    del big
+    assert ref() is None, "an over-limit mask set stayed cached"
+    # Cached or not, the masks are the same.
+    again = masks.eight_part(1, 64, 128, 128, torch.float32, "cpu")
+    monkeypatch.setattr(masks, "CACHE_LIMIT_BYTES", 2 ** 30)
+    masks.cache_clear()
+    for a, b in zip(again, masks.eight_part(1, 64, 128, 128, torch.float32, "cpu")):
+        assert torch.equal(a, b)
+    masks.cache_clear()

@@ -24,7 +24,11 @@ class HPCMConfig:
     rwkv_rates: tuple = (2, 3, 4)     # hidden_rate of the RWKV context cell per scale
     fusion: str = "conv"              # context_net between scales: "conv" (1×1) or "rwkv"
     prior: str = "dwconv"             # spatial priors: "dwconv" or "rwkv"
-    rwkv_prior_blocks: int = 2
+    # RWKV spatial priors (prior="rwkv"): RWKVFusionBlocks (before, after) the quant_step
+    # modulation. The seed builds 2 + 1 for both; the public fork's s3 prior is 3 + 2
+    # (FORK_PHASE4 below).
+    rwkv_prior_s1_s2_blocks: tuple = (2, 1)
+    rwkv_prior_s3_blocks: tuple = (2, 1)
     use_checkpoint: bool = False      # gradient checkpointing in every RWKV module
 
     def __post_init__(self):
@@ -36,6 +40,10 @@ class HPCMConfig:
             raise ValueError(f"fusion must be 'conv' or 'rwkv', got {self.fusion!r}")
         if self.prior not in ("dwconv", "rwkv"):
             raise ValueError(f"prior must be 'dwconv' or 'rwkv', got {self.prior!r}")
+        for name in ("prior_s1_s2_blocks", "prior_s3_blocks", "rwkv_prior_s1_s2_blocks", "rwkv_prior_s3_blocks"):
+            v = getattr(self, name)
+            if len(v) != 2 or any(not isinstance(n, int) or n < 0 for n in v):
+                raise ValueError(f"{name} must be two block counts (before, after the quant_step), got {v}")
         if "attention" in self.cells and (2 * self.M) % self.attention_heads:
             raise ValueError(f"2M = {2 * self.M} must be divisible by attention_heads = {self.attention_heads}")
 
@@ -48,6 +56,13 @@ class HPCMConfig:
         if self.cells[2] == "attention":
             return max(128, 16 * self.attention_windows[2])
         return 128
+
+    @property
+    def rwkv_prior_blocks(self) -> int:
+        """Read-only, for code written against the single field this replaced (RWKV blocks before
+        the quant_step in the priors): the larger of the two priors' counts. Bound-check the two
+        tuple fields themselves."""
+        return max(self.rwkv_prior_s1_s2_blocks[0], self.rwkv_prior_s3_blocks[0])
 
     @property
     def rwkv_modules(self) -> tuple:
@@ -64,6 +79,11 @@ class HPCMConfig:
     def json_fields(cls, d: dict) -> dict:
         """The config fields of a JSON-decoded dict (lists back to tuples); other keys are left out."""
         names = {f.name for f in fields(cls)}
+        d = dict(d)
+        if "rwkv_prior_blocks" in d:  # the single field of configs saved before 2026-11 (n + 1 blocks, both priors)
+            n = d.pop("rwkv_prior_blocks")
+            d.setdefault("rwkv_prior_s1_s2_blocks", (n, 1))
+            d.setdefault("rwkv_prior_s3_blocks", (n, 1))
         return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
 
 
@@ -75,6 +95,8 @@ PHASES = {
     3: BASE.with_(cells=("rwkv", "rwkv", "rwkv"), fusion="rwkv"),
     4: BASE.with_(cells=("rwkv", "rwkv", "rwkv"), fusion="rwkv", prior="rwkv"),
 }
+# Phase 4 with the public fork's (yutendo0714/LIC-HPCM-LALIC) s3 prior layout, 3 + 2 blocks.
+FORK_PHASE4 = PHASES[4].with_(rwkv_prior_s3_blocks=(3, 2))
 PRESETS = {"hpcm-base": BASE, "hpcm-large": LARGE, **{f"phase{k}": v for k, v in PHASES.items()}}
 
 # A small configuration for CPU tests and demos: same structure, narrow widths.

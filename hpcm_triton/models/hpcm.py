@@ -8,6 +8,7 @@ quantized latents: from y (forward, compress) or from the bitstream (decompress)
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict
 
 import torch
@@ -20,6 +21,13 @@ from . import masks
 from .config import BASE, HPCMConfig
 from .modules import (CrossAttentionCell, DWConvSpatialPrior, analysis_transform, hyper_analysis, hyper_synthesis,
                       synthesis_transform)
+
+try:  # CompressAI's base class, so isinstance checks and its training/eval loops work (see CompressionModelBase)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
+        from compressai.models import CompressionModel as _CompressAIModel
+except ImportError:  # e.g. a GPU machine without compressai: forward passes still work
+    _CompressAIModel = nn.Module
 
 # rANS tables built by update(): state_dict buffers whose sizes change with the tables.
 TABLE_BUFFERS = ("scale_table", "quantized_cdf_z", "cdf_length_z", "offset_z",
@@ -54,12 +62,36 @@ def crop_centered(x: torch.Tensor, size) -> torch.Tensor:
     return x[..., top:top + h, left:left + w]
 
 
-class HPCM(nn.Module):
+class CodedShape(tuple):
+    """``compress()["shape"]``: z's (h, w) as CompressAI expects, carrying the original image
+    size in ``.image_size`` so that ``decompress(strings, shape)`` — CompressAI's call —
+    returns exactly the size that was compressed. It is a plain 2-tuple to everything else
+    (``.hpcm`` files store z's shape and the image size separately)."""
+
+    image_size: tuple | None
+
+    def __new__(cls, zh: int, zw: int, image_size=None):
+        obj = super().__new__(cls, (int(zh), int(zw)))
+        obj.image_size = None if image_size is None else (int(image_size[0]), int(image_size[1]))
+        return obj
+
+    def __reduce__(self):
+        return (CodedShape, (self[0], self[1], self.image_size))
+
+    def __repr__(self):
+        return f"CodedShape(z={tuple(self)}, image_size={self.image_size})"
+
+
+class HPCM(_CompressAIModel):
     """A learned image codec: analysis/synthesis transforms, a hyperprior, and the HPCM
     progressive context model whose cells, fusion and priors are chosen by ``config``.
 
     Input images are (B, 3, H, W) in [0, 1], any H, W ≥ 64: they are padded (centred) to the
     multiple the schedule needs (``config.pad_multiple``) and cropped back.
+
+    A ``compressai.models.CompressionModel`` when compressai is installed: ``update()``,
+    ``aux_loss()``, ``load_state_dict()`` (CDF buffers of any size) and
+    ``compress``/``decompress(strings, shape)`` behave as CompressAI's loops expect.
     """
 
     def __init__(self, config: HPCMConfig = BASE, **overrides):
@@ -88,9 +120,10 @@ class HPCM(nn.Module):
         else:
             from ..rwkv import RWKVSpatialPrior
 
-            self.y_spatial_prior_s1_s2 = RWKVSpatialPrior(M, num_blocks=cfg.rwkv_prior_blocks,
+            (b1, a1), (b3, a3) = cfg.rwkv_prior_s1_s2_blocks, cfg.rwkv_prior_s3_blocks
+            self.y_spatial_prior_s1_s2 = RWKVSpatialPrior(M, num_blocks=b1, num_post_blocks=a1,
                                                           use_checkpoint=cfg.use_checkpoint)
-            self.y_spatial_prior_s3 = RWKVSpatialPrior(M, num_blocks=cfg.rwkv_prior_blocks,
+            self.y_spatial_prior_s3 = RWKVSpatialPrior(M, num_blocks=b3, num_post_blocks=a3,
                                                        use_checkpoint=cfg.use_checkpoint)
         # One per prior call after the first step (1 + 3 + 6); multiplies the prior's features.
         self.adaptive_params_list = nn.ParameterList(nn.Parameter(torch.ones(1, 3 * M, 1, 1)) for _ in range(10))
@@ -118,10 +151,13 @@ class HPCM(nn.Module):
         return RWKVContextCell(2 * cfg.M, hidden_rate=cfg.rwkv_rates[scale], use_checkpoint=cfg.use_checkpoint)
 
     # ------------------------------------------------------------------ entropy tables
-    def update(self, scale_table: torch.Tensor | None = None, force: bool = False) -> bool:
-        """Build the rANS CDF tables (state_dict buffers). ``None`` = the official 60-scale table.
+    def update(self, scale_table: torch.Tensor | None = None, force: bool = False,
+               update_quantiles: bool = False) -> bool:
+        """Build the rANS CDF tables (state_dict buffers). ``None`` = the official 60-scale table
+        (not CompressAI's 64-scale default: the official bitstreams depend on it).
 
         Returns True if tables were (re)built; with ``force=False`` existing tables are kept.
+        ``update_quantiles`` is CompressAI's argument for EntropyBottlenecks; HPCM has none.
         """
         if self.quantized_cdf_y.numel() and not force and scale_table is None:
             return False
@@ -135,6 +171,17 @@ class HPCM(nn.Module):
         self.quantized_cdf_y, self.cdf_length_y, self.offset_y = cdf.to(dev), length.to(dev), offset.to(dev)
         self._tables = None
         return True
+
+    def aux_loss(self) -> torch.Tensor:
+        """CompressAI's auxiliary loss, for EntropyBottleneck quantiles. HPCM has no
+        EntropyBottleneck (z's model is a learned mean and scale trained by the main loss), so
+        this is a zero that supports ``.backward()``, and CompressAI's loops run unchanged."""
+        return torch.zeros((), device=self.scales_hyper.device, requires_grad=True)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # CompressAI's override only resizes EntropyBottleneck/GaussianConditional buffers;
+        # the CDF tables here are resized in _load_from_state_dict.
+        return nn.Module.load_state_dict(self, state_dict, strict=strict, assign=assign)
 
     def _cdf_tables(self) -> dict:
         if not self.quantized_cdf_y.numel():
@@ -273,7 +320,11 @@ class HPCM(nn.Module):
 
     @torch.no_grad()
     def compress(self, x: torch.Tensor) -> dict:
-        """x (B, 3, H, W) → {"strings": [[y bytes]*B, [z bytes]*B], "shape": (zh, zw), "image_size": (H, W)}."""
+        """x (B, 3, H, W) → {"strings": [[y bytes]*B, [z bytes]*B], "shape": (zh, zw), "image_size": (H, W)}.
+
+        ``shape`` is a :class:`CodedShape`: z's (h, w) that also carries (H, W), so CompressAI's
+        ``decompress(out["strings"], out["shape"])`` gets back an H×W image.
+        """
         self._check_input(x)
         tables = self._cdf_tables()
         size = tuple(x.shape[-2:])
@@ -297,7 +348,8 @@ class HPCM(nn.Module):
 
         self._quantize_y(y, params, on_step)
         y_strings = [encode(c) for c in chunks]
-        return {"strings": [y_strings, z_strings], "shape": tuple(z.shape[-2:]), "image_size": size}
+        return {"strings": [y_strings, z_strings], "shape": CodedShape(*z.shape[-2:], image_size=size),
+                "image_size": size}
 
     def _z_indexes(self, shape) -> torch.Tensor:
         B, C, h, w = shape
@@ -307,14 +359,17 @@ class HPCM(nn.Module):
     def decompress(self, strings, shape=None, image_size=None) -> dict:
         """Decode ``strings`` (as returned by :meth:`compress`) into {"x_hat": (B, 3, H, W)}.
 
-        ``shape`` is z's (h, w); ``image_size`` the original (H, W) to crop to (default: the
-        padded size). ``decompress(model.compress(x))`` also works. Raises
+        ``shape`` is z's (h, w); ``image_size`` the original (H, W) to crop to (default:
+        ``shape.image_size`` when ``shape`` came from :meth:`compress`, else the padded size).
+        ``decompress(model.compress(x))`` also works. Raises
         :class:`~hpcm_triton.entropy.BitstreamError` for truncated, corrupted or foreign streams.
         """
         if isinstance(strings, dict):
             strings, shape, image_size = strings["strings"], strings["shape"], strings.get("image_size")
         if not isinstance(strings, (list, tuple)) or len(strings) != 2 or len(strings[0]) != len(strings[1]):
             raise BitstreamError("strings must be [y_strings, z_strings], one bytes object per image in each")
+        if image_size is None:
+            image_size = getattr(shape, "image_size", None)
         if shape is None or len(shape) != 2 or min(shape) < 1:
             raise BitstreamError(f"shape must be z's (h, w), got {shape}")
         zh, zw = int(shape[0]), int(shape[1])

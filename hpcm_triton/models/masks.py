@@ -8,7 +8,10 @@ the bitstream format of the official release and are reproduced here exactly.
 """
 from __future__ import annotations
 
-from functools import lru_cache
+import functools
+import os
+import threading
+from collections import OrderedDict
 
 import torch
 
@@ -29,6 +32,60 @@ _EIGHT_PART_ORDER = (
     (4, 6, 0, 2, 5, 7, 1, 3), (5, 7, 1, 3, 4, 6, 0, 2), (6, 0, 2, 4, 7, 1, 3, 5), (7, 1, 3, 5, 6, 0, 2, 4),
 )
 _GROUP_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+# ---------------------------------------------------------------- a cache bounded by bytes
+# The masks are full (B, C, H, W) tensors on the model's device: ~475 MB for one 4K frame at
+# M = 320. They are kept across calls (same image size, same masks) in one LRU cache whose
+# total size is bounded; a set of masks larger than the bound is built on the fly, uncached.
+CACHE_LIMIT_BYTES = int(float(os.environ.get("HPCM_MASK_CACHE_MB", "256")) * 2 ** 20)
+_cache: "OrderedDict[tuple, tuple[object, int]]" = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    return sum(_nbytes(v) for v in value)
+
+
+def cache_bytes() -> int:
+    """Bytes held by the mask cache now (all devices)."""
+    with _cache_lock:
+        return sum(n for _, n in _cache.values())
+
+
+def cache_clear() -> None:
+    with _cache_lock:
+        _cache.clear()
+
+
+def _cached(fn):
+    """Memoize ``fn`` in the shared LRU cache, evicting least recently used entries while the
+    total exceeds ``CACHE_LIMIT_BYTES`` (read at each call, so it can be changed at run time)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        key = (fn.__name__, *args)
+        with _cache_lock:
+            hit = _cache.get(key)
+            if hit is not None:
+                _cache.move_to_end(key)
+                return hit[0]
+        value = fn(*args)
+        n = _nbytes(value)
+        limit = CACHE_LIMIT_BYTES
+        with _cache_lock:
+            if n <= limit:
+                _cache[key] = (value, n)
+                _cache.move_to_end(key)
+                total = sum(v[1] for v in _cache.values())
+                while total > limit:
+                    _, (_, old) = _cache.popitem(last=False)
+                    total -= old
+        return value
+
+    return wrapper
 
 
 def _tile(pattern, height: int, width: int, dtype, device) -> torch.Tensor:
@@ -53,7 +110,7 @@ def _check_groups(channels: int, n: int):
         raise ValueError(f"HPCM needs the latent's channels divisible by {n}, got {channels}")
 
 
-@lru_cache(maxsize=64)
+@_cached
 def two_part(batch, channels, height, width, dtype, device):
     """The two s1 steps: a checkerboard, swapped between the two channel halves."""
     _check_groups(channels, 2)
@@ -67,7 +124,7 @@ def _quad(height, width, dtype, device):
             for p in (((1, 0), (0, 0)), ((0, 1), (0, 0)), ((0, 0), (1, 0)), ((0, 0), (0, 1)))]
 
 
-@lru_cache(maxsize=64)
+@_cached
 def four_part(batch, channels, height, width, dtype, device):
     """The four quarter-lattices of s2, rotated across four channel groups."""
     _check_groups(channels, 4)
@@ -76,7 +133,7 @@ def four_part(batch, channels, height, width, dtype, device):
     return [_groups([q[i] for i in o], batch, channels, 4) for o in orders]
 
 
-@lru_cache(maxsize=64)
+@_cached
 def eight_part(batch, channels, height, width, dtype, device):
     """The eight s3 steps: 4×4-cell patterns (tiled to 8×8) rotated across eight channel groups."""
     _check_groups(channels, 8)
@@ -87,14 +144,14 @@ def eight_part(batch, channels, height, width, dtype, device):
     return [_groups([pats[j] for j in order], batch, channels, 8) for order in _EIGHT_PART_ORDER]
 
 
-@lru_cache(maxsize=64)
+@_cached
 def rec_s2(batch, channels, height, width, dtype, device):
     """Per quarter of the channels, the sub-lattice that forms s1 inside s2 (list of 4 masks of C/4 channels)."""
     _check_groups(channels, 4)
     return [m.expand(batch, channels // 4, -1, -1).contiguous() for m in _quad(height, width, dtype, device)]
 
 
-@lru_cache(maxsize=64)
+@_cached
 def s2_in_full(batch, channels, height, width, dtype, device):
     """Per eighth of the channels, the positions of the full-resolution map that form s2 (list of 8)."""
     _check_groups(channels, 8)
@@ -104,7 +161,7 @@ def s2_in_full(batch, channels, height, width, dtype, device):
             for a, b in zip(_GROUP_ORDER, other)]
 
 
-@lru_cache(maxsize=64)
+@_cached
 def s1_in_full(batch, channels, height, width, dtype, device):
     """Per eighth of the channels, the positions of the full-resolution map that form s1 (list of 8)."""
     _check_groups(channels, 8)

@@ -30,6 +30,44 @@ class _Variant(HPCM):
         return model
 
 
+    @classmethod
+    def from_state_dict(cls, state_dict: dict, **overrides) -> "HPCM":
+        """CompressAI's constructor from weights (``compressai.zoo``, ``eval_model checkpoint``):
+        a ready model from a state_dict with official key names, at the widths the state_dict
+        has. M, N and the transform widths are read from its shapes; other config fields are
+        the preset's unless given as ``overrides``. ``module.`` prefixes (DataParallel) and a
+        ``{"state_dict": ...}`` wrapper are accepted."""
+        sd = state_dict
+        for key in ("state_dict", "network", "model_state_dict"):
+            if isinstance(sd.get(key), dict):
+                sd = sd[key]
+        if sd and all(k.startswith("module.") for k in sd):
+            sd = {k[len("module."):]: v for k, v in sd.items()}
+        inferred = {}
+        try:
+            widths = tuple(int(sd[f"g_a.branch.{i}.weight"].shape[0]) for i in _ga_down_indices(sd))
+            inferred = {"M": widths[-1], "N": int(sd["means_hyper"].shape[1]), "transform_widths": widths[:-1]}
+        except (KeyError, IndexError, AttributeError):
+            pass  # let load_official name the missing/mismatched keys
+        if inferred and "attention_heads" not in overrides:
+            heads = cls.preset.attention_heads
+            while (2 * inferred["M"]) % heads:
+                heads //= 2
+            if heads != cls.preset.attention_heads:
+                inferred["attention_heads"] = heads
+        return cls.from_official_state_dict(sd, **{**inferred, **overrides})
+
+
+def _ga_down_indices(sd: dict) -> list:
+    """Indices of g_a's four down-sampling convs: the layers with a 4-D ``weight`` directly
+    under ``g_a.branch`` (the PConvRBs have nested parameters)."""
+    idx = sorted({int(k.split(".")[2]) for k in sd if k.startswith("g_a.branch.") and k.count(".") == 3
+                  and k.endswith(".weight")})
+    if len(idx) != 4:
+        raise KeyError("g_a.branch.*.weight")
+    return idx
+
+
 class HPCM_Base(_Variant):
     """HPCM-Base (68.5 M parameters at the official widths)."""
     preset = BASE
@@ -74,3 +112,46 @@ def param_groups(model: HPCM, lr: float = 1e-4, rwkv_lr: float = 5e-5) -> list[d
     if slow:
         groups.append({"params": slow, "lr": rwkv_lr, "name": "rwkv"})
     return groups
+
+
+# ---------------------------------------------------------------- CompressAI's registries
+def register_compressai() -> bool:
+    """Register the six variants under their names (``hpcm-base`` … ``phase4``) in
+    compressai 1.2.8's registries: ``compressai.registry.MODELS`` (``register_model``),
+    ``compressai.zoo.image.model_architectures`` (what ``eval_model checkpoint -a NAME`` builds
+    with ``from_state_dict``), and ``compressai.zoo.image_models`` / ``compressai.zoo.models``
+    (factories ``f(quality, metric="mse", pretrained=False)``; no pretrained weights ship, so
+    ``pretrained=True`` raises). Called on import; returns False without compressai."""
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
+            import compressai.zoo
+            import compressai.zoo.image
+            from compressai.registry import MODELS as REGISTRY, register_model
+    except ImportError:
+        return False
+    for name, cls in MODELS.items():
+        if REGISTRY.get(name) is not cls:
+            register_model(name)(cls)
+        compressai.zoo.image.model_architectures[name] = cls
+        factory = _zoo_factory(name, cls)
+        compressai.zoo.image_models[name] = factory
+        compressai.zoo.models[name] = factory
+    return True
+
+
+def _zoo_factory(name: str, cls):
+    def factory(quality: int = 1, metric: str = "mse", pretrained: bool = False, progress: bool = True, **kwargs):
+        if pretrained:
+            raise ValueError(f"no pretrained weights ship for {name!r} (hpcm-triton has no trained checkpoint); "
+                             f"build it untrained, or load official weights with {cls.__name__}.from_state_dict")
+        return cls(**kwargs)
+
+    factory.__name__ = name.replace("-", "_")
+    factory.__doc__ = f"{cls.__name__} in CompressAI's zoo convention (quality/metric ignored: one model per λ)."
+    return factory
+
+
+register_compressai()

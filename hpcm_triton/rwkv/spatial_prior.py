@@ -22,9 +22,10 @@ class RWKVSpatialPrior(nn.Module):
         branch_1 = num_blocks × RWKVFusionBlock(3M, hidden_rate)
         branch_2 = num_post_blocks × RWKVFusionBlock(3M, hidden_rate), conv1×1(3M → 2M, bias)
 
-    Phase-4 s1/s2 prior: ``RWKVSpatialPrior(M)``; s3 prior:
-    ``RWKVSpatialPrior(M, num_blocks=3, num_post_blocks=2)``. The submodule names
-    ``branch_1``/``branch_2`` mirror the official ones.
+    Phase 4 as the seed builds it uses ``RWKVSpatialPrior(M)`` (2 + 1 blocks) for both priors;
+    the fork's s3 layout (3 + 2) is selectable through ``HPCMConfig.rwkv_prior_s3_blocks``
+    (``hpcm_triton.models.config.FORK_PHASE4``). The submodule names ``branch_1``/``branch_2``
+    mirror the official ones.
 
     Args:
         M: latent channels (320 in HPCM); the prior runs at 3M and outputs 2M.
