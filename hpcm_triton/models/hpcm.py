@@ -110,6 +110,10 @@ class HPCM(_CompressAIModel):
         self.means_hyper = nn.Parameter(torch.zeros(1, N, 1, 1))
         self.scales_hyper = nn.Parameter(torch.ones(1, N, 1, 1))
         self.entropy_estimation = GeneralizedGaussian()
+        # Training's additive U(−½, ½) noise, x ↦ x + noise; None draws from torch's global RNG.
+        # The trainer sets a per-sample generator here so the noise does not depend on how a
+        # batch is split over processes.
+        self.quantization_noise = None
 
         self.y_spatial_prior_adaptor_list_s1 = nn.ModuleList(conv1x1(3 * M, 3 * M) for _ in range(1))
         self.y_spatial_prior_adaptor_list_s2 = nn.ModuleList(conv1x1(3 * M, 3 * M) for _ in range(3))
@@ -305,9 +309,10 @@ class HPCM(_CompressAIModel):
         y = self.g_a(x)
         z = self.h_a(y)
         z_res = z - self.means_hyper
+        add_noise = self.quantization_noise or _uniform_noise
         if training:
             z_hat = _ste_round(z_res) + self.means_hyper
-            z_likelihoods = self.entropy_estimation(_uniform_noise(z_res), self.scales_hyper)
+            z_likelihoods = self.entropy_estimation(add_noise(z_res), self.scales_hyper)
         else:
             z_res_hat = torch.round(z_res)
             z_hat = z_res_hat + self.means_hyper
@@ -315,7 +320,7 @@ class HPCM(_CompressAIModel):
         params = self.h_s(z_hat)
         y_hat, y_res, scales = self._quantize_y(y, params)
         x_hat = crop_centered(self.g_s(y_hat), size)
-        y_for_rate = _uniform_noise(y_res) if training else torch.round(y_res)
+        y_for_rate = add_noise(y_res) if training else torch.round(y_res)
         return {"x_hat": x_hat, "likelihoods": {"y": self.entropy_estimation(y_for_rate, scales), "z": z_likelihoods}}
 
     @torch.no_grad()

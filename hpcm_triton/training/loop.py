@@ -33,7 +33,6 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .. import images as im
 from ..models import TINY
-from ..models import hpcm as _hpcm_module
 from ..models.config import HPCMConfig
 from ..models.official import load_official
 from ..models.zoo import MODELS, get_model, param_groups
@@ -255,12 +254,10 @@ class Precision:
 
 
 @contextlib.contextmanager
-def sample_noise(keys: list):
+def sample_noise(model, keys: list):
     """Training's additive U(−½, ½) noise drawn per sample: sample b of each noise call gets a
     generator seeded by (keys[b], call index), so the noise does not depend on how the batch
     is split over processes or on what ran before."""
-    if not hasattr(_hpcm_module, "_uniform_noise"):
-        raise RuntimeError("hpcm_triton.models.hpcm._uniform_noise is gone: the trainer's per-sample noise needs it")
     calls = [0]
 
     def noise(x: torch.Tensor) -> torch.Tensor:
@@ -274,12 +271,11 @@ def sample_noise(keys: list):
             parts.append(torch.rand(x.shape[1:], generator=g, device=x.device, dtype=x.dtype))
         return x + (torch.stack(parts) - 0.5)
 
-    old = _hpcm_module._uniform_noise
-    _hpcm_module._uniform_noise = noise
+    old, model.quantization_noise = model.quantization_noise, noise
     try:
         yield
     finally:
-        _hpcm_module._uniform_noise = old
+        model.quantization_noise = old
 
 
 # ---------------------------------------------------------------- loss and validation
@@ -624,7 +620,7 @@ def _run(cfg, changed, given, saved, out, ckpt_path, best_path, resume, force, d
     while step < cfg["steps"]:
         x = next(data_iter).to(device, non_blocking=True)
         keys = [D.mix_seed(cfg["seed"], 3, p) for p in sampler.positions(step)]
-        with sample_noise(keys):
+        with sample_noise(model, keys):
             o = net(x)
         terms = rd_loss(o, x, cfg["lmbda"], cfg["metric"])
         opt.zero_grad(set_to_none=True)
