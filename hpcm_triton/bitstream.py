@@ -51,11 +51,11 @@ import struct
 import zlib
 from pathlib import Path
 
-import torch
-
 from .entropy.coder import BitstreamError, CodedStream, ParameterMismatchError
 from .models.config import PRESETS, HPCMConfig
-from .models.hpcm import TABLE_BUFFERS
+
+# torch is imported inside the functions that need it: reading and validating a header must
+# not cost the ~0.9 GB that importing torch (a CUDA build) does.
 
 MAGIC = b"HPCM"
 VERSION = 2
@@ -150,12 +150,13 @@ def config_fingerprint(config: HPCMConfig) -> bytes:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).digest()[:8]
 
 
-@torch.no_grad()
-def weights_fingerprint(model: torch.nn.Module) -> bytes:
+def weights_fingerprint(model) -> bytes:
     """8 bytes identifying the weights: the CDF tables plus every parameter's float32 bytes.
 
     Exact bytes, not float sums, so the value does not depend on the device's reduction order.
     """
+    from .models.hpcm import TABLE_BUFFERS
+
     h = hashlib.sha256()
     for name in TABLE_BUFFERS:
         t = getattr(model, name, None)
@@ -194,6 +195,8 @@ def _crc16s(stream, kind: str) -> list[int]:
 
 def to_bytes(model_name: str, model, compressed: dict) -> bytes:
     """Serialize ``model.compress(x)``'s output into the container format."""
+    import torch
+
     from .coding_env import environment
 
     name = model_name.lower()
@@ -379,7 +382,7 @@ def check(info: dict, model, model_name: str | None = None) -> None:
                              "use the same checkpoint that compressed it")
 
 
-def decompress(info: dict, model) -> torch.Tensor:
+def decompress(info: dict, model):
     """Decompress a parsed (and :func:`check`-ed) file with ``model`` → x_hat (B, 3, H, W).
 
     Runs the coding path with the encoder's thread count; a decoder whose floats differ from
@@ -405,7 +408,7 @@ def decompress(info: dict, model) -> torch.Tensor:
         raise ParameterMismatchError(f"{e}; {why}") from None
 
 
-def decode(src, model, model_name: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+def decode(src, model, model_name: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS):
     """Read, check and decompress a file with ``model`` → x_hat (B, 3, H, W)."""
     return decompress(read(src, model, model_name, max_pixels=max_pixels), model)
 

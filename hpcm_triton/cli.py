@@ -230,21 +230,22 @@ def _bundled_names():
 def cmd_decompress(args) -> int:
     _check_input_file(args.input, ".hpcm file")
     out = _check_output(args.output, args.force, [args.input])
-    _check_device(args.device)
-
-    import torch
-
-    from . import bitstream
-    from . import images as im
-    from .models.seeded import seeded_init_
-    from .models.zoo import get_model
-
     if args.max_pixels is not None and args.max_pixels < 1:
         raise UserError(f"--max-pixels {args.max_pixels}: must be positive")
+    from . import bitstream  # no torch yet: a hostile header is refused before ~0.9 GB of imports
+
     info = bitstream.read(args.input, max_pixels=args.max_pixels)
     if info["n_images"] != 1:
         raise UserError(f"{args.input}: holds {info['n_images']} images; the command line decodes files of one "
                         "(use hpcm_triton.bitstream.decode in Python)")
+    _check_device(args.device)
+
+    import torch
+
+    from . import images as im
+    from .models.seeded import seeded_init_
+    from .models.zoo import get_model
+
     if args.checkpoint:
         model, name = _model(info["model"], "full", args.checkpoint, args.device)
     else:
