@@ -459,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 PRECHECKS = {"evaluate": _check_evaluate_outputs}
+# Commands whose own code handles KeyboardInterrupt (a training run may want to save): they get
+# Python's default SIGINT behaviour; main() still turns it into exit 130 without a traceback.
+GRACEFUL = ("train", "export")
 
 
 def _command(argv: list[str], commands=COMMANDS) -> list[str]:
@@ -502,12 +505,13 @@ def main(argv: list[str] | None = None) -> int:
     """The command line. Called without ``argv`` (as the program), interrupts end the process
     directly (see :func:`_exit_on_signals`); called with ``argv`` (tests, scripts), Ctrl-C
     raises KeyboardInterrupt inside and returns 130."""
-    if argv is None:
-        _exit_on_signals()
-        argv = sys.argv[1:]
+    as_program = argv is None
+    argv = sys.argv[1:] if as_program else argv
     try:
         parser = build_parser()
         args = parser.parse_args(_command(list(argv), parser.commands))
+        if as_program and args.command not in GRACEFUL:
+            _exit_on_signals()
         check = PRECHECKS.get(args.command)
         if check is not None:
             check(args)

@@ -95,3 +95,28 @@ def test_other_floats_without_checksums_still_end_in_an_error(tiny):
     with pytest.raises(BitstreamError):
         bitstream.decompress(info, _other_floats(model))
     assert time.perf_counter() - t0 < 60
+
+
+def test_coding_path_chooses_kernels_by_shape_alone(tiny):
+    """compress/decompress run under kernels_triton.shape_only_selection() (no timing-based
+    autotune choice that an encoder and a decoder could make differently); forward does not."""
+    import kernels_triton  # noqa: F401  (the package exports a function named biwkv4 over the submodule)
+    import sys
+
+    kb = sys.modules["kernels_triton.biwkv4"]
+
+    model, _ = tiny
+    seen = []
+    hook = model.attn_s1.register_forward_hook(lambda *a: seen.append(kb._SHAPE_ONLY))
+    try:
+        x = im.bundled("chelsea")[..., :128, :128].contiguous()
+        comp = _at(1, model.compress, x)
+        assert seen and all(seen)
+        seen.clear()
+        model.decompress(comp)
+        assert seen and all(seen)
+        seen.clear()
+        _at(1, model, x)
+        assert seen and not any(seen)
+    finally:
+        hook.remove()
