@@ -216,10 +216,12 @@ sys.stderr.write(r.stderr)
 def test_memory_bomb_is_refused_with_small_peak(kind, tmp_path):
     """Issue 9: a 1.2 KB file asking for M = 32768 drove decompress to 18.8 GB; headers
     claiming a 16384² image likewise. Refused before any model is built: peak RSS < 1 GB."""
+    # format version 1: what the reader before this fix parsed (and built a model from)
     if kind == "M=32768":
-        data = make_file(overrides=json.dumps({"M": 32768, "N": 32}).encode(), y=bytes(600), z=bytes(600))
+        data = make_file(overrides=json.dumps({"M": 32768, "N": 32}).encode(), y=bytes(600), z=bytes(600), version=1)
     else:
-        data = make_file(name=b"hpcm-base", H=16384, W=16384, zh=256, zw=256, y=bytes(600), z=bytes(600))
+        data = make_file(name=b"hpcm-base", H=16384, W=16384, zh=256, zw=256, y=bytes(600), z=bytes(600),
+                         version=1)
     path = tmp_path / "bomb.hpcm"
     path.write_bytes(data)
     assert len(data) < 1400
