@@ -201,6 +201,8 @@ def cmd_compress(args) -> int:
     if os.path.exists(args.input) or args.input not in _bundled_names():
         _check_input_file(args.input, "image file")
     out = _check_output(args.output, args.force, [args.input])
+    if args.threads is not None and not 1 <= args.threads <= 256:
+        raise UserError(f"--threads {args.threads}: must be between 1 and 256")
     _check_device(args.device)
 
     import torch
@@ -213,7 +215,7 @@ def cmd_compress(args) -> int:
         raise UserError(f"{args.input}: image is {x.shape[-2]}×{x.shape[-1]}, the models need at least 64×64")
     model, name = _model(args.model, args.size, args.checkpoint, args.device)
     t0 = time.perf_counter()
-    comp = model.compress(x.to(args.device), threads=args.threads or torch.get_num_threads())
+    comp = model.compress(x.to(args.device), threads=torch.get_num_threads() if args.threads is None else args.threads)
     n = bitstream.write(out, name, model, comp)
     dt = time.perf_counter() - t0
     H, W = x.shape[-2:]

@@ -255,6 +255,7 @@ def test_mistyped_command_directory_and_bad_checkpoint(hpcm_file, tmp_path, caps
     assert "no such checkpoint" in _main_error(capsys, "decompress", hpcm_file, "-o", tmp_path / "o.png",
                                                "--checkpoint", tmp_path / "nope.pt")
     assert not (tmp_path / "o.png").exists()
+    assert "--threads 0" in _main_error(capsys, "compress", "chelsea", "-o", tmp_path / "t.hpcm", "--threads", "0")
 
 
 def test_argument_errors_are_one_line(capsys):
