@@ -177,8 +177,10 @@ def _env_bytes(env: dict) -> bytes:
 
 
 def _env_from(raw: bytes) -> dict:
+    # printable ASCII only: these strings end up in error messages and on terminals
+    text = "".join(c if " " <= c <= "~" else "?" for c in raw.decode("ascii", "replace"))
     env = {}
-    for item in raw.decode("ascii", "replace").split(";"):
+    for item in text.split(";"):
         if "=" in item:
             k, v = item.split("=", 1)
             env[k] = v

@@ -195,6 +195,11 @@ def test_header_fields_are_validated(fields, match):
     assert time.perf_counter() - t0 < 5
 
 
+def test_environment_text_is_printable():
+    env = bitstream.from_bytes(make_file(env=b"device=cpu;gpu=\x1b[2Jevil\x07;torch=\xff"))["encoder"]
+    assert env == {"device": "cpu", "gpu": "?[2Jevil?", "torch": "?"}
+
+
 def test_pixel_cap_can_be_raised():
     data = make_file(H=8192, W=8192, zh=128, zw=128)
     with pytest.raises(BitstreamError, match="--max-pixels"):
