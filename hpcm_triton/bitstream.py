@@ -1,9 +1,9 @@
 """The ``.hpcm`` file container for compressed images.
 
-Layout (little-endian), version 1::
+Layout (little-endian), version 2::
 
     magic            4s   b"HPCM"
-    version          u8   1
+    version          u8   2
     name_len         u8   then the model name (ascii), e.g. b"phase3"
     overrides_len    u16  then JSON of the config fields that differ from the named preset
                           (empty for the official widths; lets a reader rebuild the model)
@@ -11,13 +11,35 @@ Layout (little-endian), version 1::
     weights_fp       8s   sha256(CDF tables + every parameter's bytes)[:8]
     H, W             u32  original image size (the decoder crops to it)
     zh, zw           u32  z's spatial shape
-    n_images         u16  then per image: y_len u32, y_crc32 u32, z_len u32, z_crc32 u32
+    n_images         u16
+    threads          u16  the CPU thread count the encoder's coding path ran with
+    env_len          u8   then the encoder's environment (ascii ``key=value;…``: device, cpu
+                          instruction set or gpu name, torch and compressai versions)
+    per image        y_len u32, y_crc32 u32, z_len u32, z_crc32 u32,
+                     y_steps u8, z_steps u8, then one u16 per step: the low 16 bits of the
+                     CRC32 of that step's CDF indexes
     header_crc32     u32  of every byte above
     payload               per image: y bytes, then z bytes; nothing after
 
-The fingerprints make a file from another model, configuration or set of weights fail with a
-clear message instead of decoding to garbage (rANS would happily decode noise). The CRCs
-catch storage corruption before the decoder sees it.
+Version 1 (read, no longer written) lacks threads, env and the per-step checksums.
+
+What a decoder must share with the encoder, and how each is checked:
+
+* the model name, configuration and weights: the fingerprints (checked before decoding);
+* the thread count of the CPU coding path: recorded, and the decoder runs with it;
+* GPU kernel choices: by shape alone on both sides (``kernels_triton.shape_only_selection``);
+* the device kind and model (CPU instruction set / GPU) and the torch, oneDNN and compressai
+  builds: recorded; a decoder whose floats differ stops at the first coding step whose CDF
+  indexes miss the recorded checksum, with a :class:`ParameterMismatchError` naming the
+  differences, instead of decoding garbage.
+
+Every header field is validated against what this library writes before anything is
+allocated: a known variant whose configuration lies within :data:`CONFIG_BOUNDS`, an image
+no larger than ``max_pixels`` (default :data:`DEFAULT_MAX_PIXELS`), a z shape that matches
+the image size, and the schedule's step counts. The fingerprints make a file from another
+model, configuration or set of weights fail with a clear message instead of decoding to
+garbage (rANS would happily decode noise). The CRCs catch storage corruption before the
+decoder sees it.
 """
 from __future__ import annotations
 
@@ -29,16 +51,35 @@ import struct
 import zlib
 from pathlib import Path
 
-import torch
-
-from .entropy import BitstreamError
+from .entropy.coder import BitstreamError, CodedStream, ParameterMismatchError
 from .models.config import PRESETS, HPCMConfig
-from .models.hpcm import TABLE_BUFFERS
+
+# torch is imported inside the functions that need it: reading and validating a header must
+# not cost the ~0.9 GB that importing torch (a CUDA build) does.
 
 MAGIC = b"HPCM"
-VERSION = 1
+VERSION = 2
 _FIXED = struct.Struct("<8s8sIIIIH")   # config_fp, weights_fp, H, W, zh, zw, n_images
 _PER_IMAGE = struct.Struct("<IIII")    # y_len, y_crc, z_len, z_crc
+_STEPS = {"y": 11, "z": 1}             # chunks per stream: HPCM's 11 coding steps; z in one
+
+# Images larger than this (pixels, all images of a file together) are refused unless the
+# caller raises the limit (``--max-pixels``): 8K UHD. Decoding one at the official widths
+# needs about 400 bytes per pixel at its peak (g_s), so this default already means ~13 GB.
+DEFAULT_MAX_PIXELS = 7680 * 4320
+MAX_SIDE = 1 << 16
+MAX_IMAGES = 64
+
+# What a file's configuration may say (a reader builds the model it describes): the structure
+# (cells, fusion, prior) of the named variant, widths up to the official ones and depths up to
+# twice HPCM-Large's. (lo, hi) per integer; a tuple field gives (length, lo, hi).
+CONFIG_BOUNDS = {
+    "M": (8, 320), "N": (8, 256), "transform_widths": (3, 4, 384), "ga_blocks": (3, 0, 16),
+    "gs_blocks": (3, 0, 16), "prior_s1_s2_blocks": (2, 0, 8), "prior_s3_blocks": (2, 0, 8),
+    "attention_windows": (3, 1, 16), "attention_heads": (1, 64), "rwkv_rates": (3, 1, 8),
+    "rwkv_prior_blocks": (1, 8),
+}
+_STRUCTURE = ("cells", "fusion", "prior")
 
 
 # ---------------------------------------------------------------- configs and fingerprints
@@ -58,11 +99,48 @@ def config_from(name: str, overrides: dict) -> HPCMConfig:
     """Inverse of :func:`config_overrides` (JSON lists become tuples again)."""
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(PRESETS)}")
+    if not isinstance(overrides, dict):
+        raise ValueError(f"config overrides must be a JSON object, got {type(overrides).__name__}")
     known = HPCMConfig.json_fields(overrides)
     bad = set(overrides) - set(known)
     if bad:
         raise ValueError(f"unknown config fields {sorted(bad)}")
     return PRESETS[name].with_(**known)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_config(name: str, config: HPCMConfig) -> None:
+    """Raise ValueError unless ``config`` is one this library writes and reads for ``name``:
+    the variant's own structure and every size within :data:`CONFIG_BOUNDS`."""
+    preset = PRESETS[name]
+    for f in _STRUCTURE:
+        if getattr(config, f) != getattr(preset, f):
+            raise ValueError(f"{f}={getattr(config, f)!r} is not {name}'s ({getattr(preset, f)!r})")
+    for f, b in CONFIG_BOUNDS.items():
+        v = getattr(config, f)
+        if len(b) == 3:
+            n, lo, hi = b
+            ok = isinstance(v, tuple) and len(v) == n and all(_is_int(e) and lo <= e <= hi for e in v)
+            want = f"{n} integers in [{lo}, {hi}]"
+        else:
+            lo, hi = b
+            ok = _is_int(v) and lo <= v <= hi
+            want = f"an integer in [{lo}, {hi}]"
+        if not ok:
+            raise ValueError(f"{f}={v!r} is outside what this library supports ({want})")
+    if config.M % 8:
+        raise ValueError(f"M={config.M} is not a multiple of 8")
+    if not isinstance(config.use_checkpoint, bool):
+        raise ValueError(f"use_checkpoint={config.use_checkpoint!r} is not a boolean")
+
+
+def z_shape(config: HPCMConfig, H: int, W: int) -> tuple[int, int]:
+    """z's (h, w) for an H×W image: the image padded to ``config.pad_multiple``, over 64."""
+    m = config.pad_multiple
+    return -(-H // m) * m // 64, -(-W // m) * m // 64
 
 
 def config_fingerprint(config: HPCMConfig) -> bytes:
@@ -72,12 +150,13 @@ def config_fingerprint(config: HPCMConfig) -> bytes:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).digest()[:8]
 
 
-@torch.no_grad()
-def weights_fingerprint(model: torch.nn.Module) -> bytes:
+def weights_fingerprint(model) -> bytes:
     """8 bytes identifying the weights: the CDF tables plus every parameter's float32 bytes.
 
     Exact bytes, not float sums, so the value does not depend on the device's reduction order.
     """
+    from .models.hpcm import TABLE_BUFFERS
+
     h = hashlib.sha256()
     for name in TABLE_BUFFERS:
         t = getattr(model, name, None)
@@ -91,21 +170,55 @@ def weights_fingerprint(model: torch.nn.Module) -> bytes:
 
 
 # ---------------------------------------------------------------- encoding
+def _env_bytes(env: dict) -> bytes:
+    items = [f"{k}={env[k]}" for k in ("device", "cpu", "gpu", "torch", "compressai") if env.get(k) is not None]
+    raw = ";".join(i.replace(";", ",") for i in items).encode("ascii", "replace")
+    return raw[:255]
+
+
+def _env_from(raw: bytes) -> dict:
+    # printable ASCII only: these strings end up in error messages and on terminals
+    text = "".join(c if " " <= c <= "~" else "?" for c in raw.decode("ascii", "replace"))
+    env = {}
+    for item in text.split(";"):
+        if "=" in item:
+            k, v = item.split("=", 1)
+            env[k] = v
+    return env
+
+
+def _crc16s(stream, kind: str) -> list[int]:
+    crcs = list(getattr(stream, "index_crcs", ()))
+    if len(crcs) != _STEPS[kind]:
+        raise ValueError(f"the {kind} stream has {len(crcs)} recorded coding steps, expected {_STEPS[kind]}: "
+                         "pass model.compress(x)'s output as it is")
+    return [c & 0xFFFF for c in crcs]
+
+
 def to_bytes(model_name: str, model, compressed: dict) -> bytes:
     """Serialize ``model.compress(x)``'s output into the container format."""
+    import torch
+
+    from .coding_env import environment
+
     name = model_name.lower()
     if name not in PRESETS:
         raise ValueError(f"unknown model {model_name!r}; choose from {', '.join(PRESETS)}")
+    check_config(name, model.config)
     if not getattr(model, "quantized_cdf_y", torch.empty(0)).numel():
         raise ValueError("the model has no CDF tables: call model.update() before compress/write")
     y_strings, z_strings = compressed["strings"]
-    if len(y_strings) != len(z_strings) or not y_strings:
-        raise ValueError("compressed['strings'] must be [y_strings, z_strings] with one entry per image")
+    if len(y_strings) != len(z_strings) or not y_strings or len(y_strings) > MAX_IMAGES:
+        raise ValueError(f"compressed['strings'] must be [y_strings, z_strings] with one entry per image "
+                         f"(1..{MAX_IMAGES} images)")
     zh, zw = (int(v) for v in compressed["shape"])
     H, W = (int(v) for v in (compressed.get("image_size") or (64 * zh, 64 * zw)))
+    threads = compressed.get("threads") or torch.get_num_threads()
+    env = environment(next(model.parameters()).device, threads)
     overrides = json.dumps(config_overrides(name, model.config), separators=(",", ":"), sort_keys=True).encode()
     if len(overrides) > 0xFFFF:
         raise ValueError("config overrides too large for the header")
+    env_raw = _env_bytes(env)
     head = io.BytesIO()
     head.write(MAGIC)
     head.write(struct.pack("<BB", VERSION, len(name)))
@@ -114,16 +227,20 @@ def to_bytes(model_name: str, model, compressed: dict) -> bytes:
     head.write(overrides)
     head.write(_FIXED.pack(config_fingerprint(model.config), weights_fingerprint(model), H, W, zh, zw,
                            len(y_strings)))
+    head.write(struct.pack("<HB", int(threads), len(env_raw)))
+    head.write(env_raw)
     for y, z in zip(y_strings, z_strings):
+        ysteps, zsteps = _crc16s(y, "y"), _crc16s(z, "z")
         head.write(_PER_IMAGE.pack(len(y), zlib.crc32(y), len(z), zlib.crc32(z)))
+        head.write(struct.pack(f"<BB{len(ysteps) + len(zsteps)}H", len(ysteps), len(zsteps), *ysteps, *zsteps))
     header = head.getvalue()
     payload = b"".join(bytes(y) + bytes(z) for y, z in zip(y_strings, z_strings))
     return header + struct.pack("<I", zlib.crc32(header)) + payload
 
 
 def write(dest, model_name: str, model, compressed: dict) -> int:
-    """Write a ``.hpcm`` file (a path: atomically via a temp file + rename; or a binary file
-    object). Returns the number of bytes written."""
+    """Write a ``.hpcm`` file (a path: atomically via a temp file + rename, with the umask's
+    permissions; or a binary file object). Returns the number of bytes written."""
     data = to_bytes(model_name, model, compressed)
     if hasattr(dest, "write"):
         dest.write(data)
@@ -152,11 +269,20 @@ class _Reader:
         return st.unpack(self.take(st.size, what))
 
 
-def from_bytes(data: bytes) -> dict:
-    """Parse a container → {"model", "config", "config_fingerprint", "weights_fingerprint",
-    "strings": [[y…], [z…]], "shape": (zh, zw), "image_size": (H, W), "version", "header_bytes"}.
+def _stream(data: bytes, crc16s) -> bytes:
+    if not crc16s:
+        return data
+    return CodedStream.of(data, crc16s, mask=0xFFFF)
 
-    Raises :class:`~hpcm_triton.BitstreamError` for anything that is not an intact file.
+
+def from_bytes(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict:
+    """Parse a container → {"model", "config", "config_fingerprint", "weights_fingerprint",
+    "strings": [[y…], [z…]], "shape": (zh, zw), "image_size": (H, W), "n_images", "threads",
+    "encoder" (environment dict), "version", "header_bytes"}.
+
+    Every header field is validated (see the module docstring) before anything is allocated;
+    ``max_pixels`` bounds H·W·n_images (None: no bound). Raises
+    :class:`~hpcm_triton.BitstreamError` for anything that is not an intact, decodable file.
     """
     data = bytes(data)
     r = _Reader(data)
@@ -164,39 +290,69 @@ def from_bytes(data: bytes) -> dict:
         raise BitstreamError(f"not an HPCM file (magic bytes {data[:4]!r}, expected {MAGIC!r})")
     r.take(len(MAGIC), "magic")
     version, name_len = r.unpack("<BB", "header")
-    if version != VERSION:
-        raise BitstreamError(f"unsupported HPCM file format version {version} (this reader knows {VERSION})")
+    if version not in (1, 2):
+        raise BitstreamError(f"unsupported HPCM file format version {version} (this reader knows 1 and {VERSION})")
     raw_name = r.take(name_len, "model name")
     (ov_len,) = r.unpack("<H", "header")
     raw_ov = r.take(ov_len, "config")
     cfp, wfp, H, W, zh, zw, n = r.unpack(_FIXED, "header")
-    per = [r.unpack(_PER_IMAGE, "stream table") for _ in range(n)]
+    threads, env = None, {}
+    if version >= 2:
+        threads, env_len = r.unpack("<HB", "header")
+        env = _env_from(r.take(env_len, "encoder environment"))
+    if not 1 <= n <= MAX_IMAGES:
+        raise BitstreamError(f"file header is inconsistent: {n} images (this library writes 1..{MAX_IMAGES})")
+    per, steps = [], []
+    for _ in range(n):
+        per.append(r.unpack(_PER_IMAGE, "stream table"))
+        if version >= 2:
+            ny, nz = r.unpack("<BB", "stream table")
+            crcs = r.unpack(f"<{ny + nz}H", "stream table")
+            steps.append((crcs[:ny], crcs[ny:]))
+            if (ny, nz) != (_STEPS["y"], _STEPS["z"]):
+                raise BitstreamError(f"file header is inconsistent: {ny} y and {nz} z coding steps "
+                                     f"(this library writes {_STEPS['y']} and {_STEPS['z']})")
+        else:
+            steps.append(((), ()))
     header_end = r.pos
     (hcrc,) = r.unpack("<I", "header checksum")
     if zlib.crc32(data[:header_end]) != hcrc:
         raise BitstreamError("corrupted file: header CRC32 mismatch")
+    # ---- validate every field before anything is built or allocated
     name = raw_name.decode("ascii", "replace")
     try:
+        if name not in PRESETS:
+            raise ValueError(f"unknown model; this library writes {', '.join(PRESETS)}")
         config = config_from(name, json.loads(raw_ov.decode()) if raw_ov else {})
-    except (ValueError, TypeError) as e:
-        raise BitstreamError(f"file header names an unusable model/config ({name!r}): {e}") from None
-    if n == 0 or min(H, W, zh, zw) == 0:
-        raise BitstreamError(f"file header is inconsistent (images={n}, size={H}×{W}, z={zh}×{zw})")
+        check_config(name, config)
+    except (ValueError, TypeError, RecursionError, UnicodeDecodeError) as e:
+        raise BitstreamError(f"file header names an unusable model/config ({name[:40]!r}): {e}") from None
+    if threads is not None and not 1 <= threads <= 256:
+        raise BitstreamError(f"file header is inconsistent: encoder thread count {threads} (1..256)")
+    if not (64 <= H < MAX_SIDE and 64 <= W < MAX_SIDE):
+        raise BitstreamError(f"file header is inconsistent: image size {H}×{W} "
+                             f"(this library writes 64..{MAX_SIDE - 1} per side)")
+    if max_pixels is not None and n * H * W > max_pixels:
+        raise BitstreamError(f"file claims {n} image(s) of {H}×{W} = {n * H * W:,} pixels, more than the limit of "
+                             f"{max_pixels:,} (pass --max-pixels to allow it)")
+    if (zh, zw) != z_shape(config, H, W):
+        raise BitstreamError(f"file header is inconsistent: z shape {zh}×{zw} for a {H}×{W} image "
+                             f"({name} writes {z_shape(config, H, W)})")
     y_strings, z_strings = [], []
-    for i, (yl, ycrc, zl, zcrc) in enumerate(per):
-        for kind, ln, crc, out in (("y", yl, ycrc, y_strings), ("z", zl, zcrc, z_strings)):
+    for i, ((yl, ycrc, zl, zcrc), (ysteps, zsteps)) in enumerate(zip(per, steps)):
+        for kind, ln, crc, st, out in (("y", yl, ycrc, ysteps, y_strings), ("z", zl, zcrc, zsteps, z_strings)):
             s = r.take(ln, f"{kind} stream of image {i}")
             if zlib.crc32(s) != crc:
                 raise BitstreamError(f"corrupted file: CRC32 mismatch in the {kind} stream of image {i}")
-            out.append(s)
+            out.append(_stream(s, st))
     if r.pos != len(data):
         raise BitstreamError(f"corrupted file: {len(data) - r.pos} unexpected bytes after the last stream")
     return {"model": name, "config": config, "config_fingerprint": cfp, "weights_fingerprint": wfp,
-            "strings": [y_strings, z_strings], "shape": (zh, zw), "image_size": (H, W), "version": version,
-            "header_bytes": header_end + 4}
+            "strings": [y_strings, z_strings], "shape": (zh, zw), "image_size": (H, W), "n_images": n,
+            "threads": threads, "encoder": env, "version": version, "header_bytes": header_end + 4}
 
 
-def read(src, model=None, model_name: str | None = None) -> dict:
+def read(src, model=None, model_name: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict:
     """Read a ``.hpcm`` file (path or binary file object) → see :func:`from_bytes`.
 
     With ``model`` (and optionally ``model_name``), also :func:`check` that it can decode the file.
@@ -206,9 +362,9 @@ def read(src, model=None, model_name: str | None = None) -> dict:
     else:
         path = Path(src)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such file")
+            raise FileNotFoundError(f"{path}: no such file" + (" (it is a directory)" if path.is_dir() else ""))
         data = path.read_bytes()
-    info = from_bytes(data)
+    info = from_bytes(data, max_pixels=max_pixels)
     if model is not None:
         check(info, model, model_name)
     return info
@@ -228,7 +384,51 @@ def check(info: dict, model, model_name: str | None = None) -> None:
                              "use the same checkpoint that compressed it")
 
 
-def decode(src, model, model_name: str | None = None) -> torch.Tensor:
+def decompress(info: dict, model):
+    """Decompress a parsed (and :func:`check`-ed) file with ``model`` → x_hat (B, 3, H, W).
+
+    Runs the coding path with the encoder's thread count; a decoder whose floats differ from
+    the encoder's raises :class:`~hpcm_triton.entropy.coder.ParameterMismatchError` naming
+    what differs between the two environments.
+    """
+    from .coding_env import describe, differences, environment
+
+    try:
+        return model.decompress(info["strings"], info["shape"], image_size=info["image_size"],
+                                threads=info.get("threads"))["x_hat"]
+    except ParameterMismatchError as e:
+        here = environment(next(model.parameters()).device, info.get("threads"))
+        diff = differences(info.get("encoder") or {}, here)
+        if diff:
+            why = ("this machine computes different floats than the encoder's (" + "; ".join(diff) + "): a learned "
+                   "codec decodes only where the encoder's arithmetic is reproduced; decode it on a machine like "
+                   f"the encoder's ({describe(info['encoder'])})")
+        else:
+            why = (f"the encoder's recorded environment matches this one ({describe(here)}), so the stream was "
+                   "altered after its checksums were written, or this CPU/GPU rounds differently from the "
+                   "encoder's of the same kind")
+        raise ParameterMismatchError(f"{e}; {why}") from None
+
+
+def decode(src, model, model_name: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS):
     """Read, check and decompress a file with ``model`` → x_hat (B, 3, H, W)."""
-    info = read(src, model, model_name)
-    return model.decompress(info["strings"], info["shape"], image_size=info["image_size"])["x_hat"]
+    return decompress(read(src, model, model_name, max_pixels=max_pixels), model)
+
+
+def describe_file(info: dict) -> dict:
+    """What a parsed file holds, for ``hpcm-triton info FILE`` (no model is built)."""
+    H, W = info["image_size"]
+    ys, zs = info["strings"]
+    total = info["header_bytes"] + sum(len(s) for s in ys + zs)
+    return {"format version": info["version"], "model": info["model"],
+            "config overrides": config_overrides(info["model"], info["config"]) or "none (official widths)",
+            "image size": f"{H}×{W}" + (f" × {info['n_images']} images" if info["n_images"] > 1 else ""),
+            "z shape": "×".join(map(str, info["shape"])),
+            "file bytes": f"{total:,} ({8 * total / (H * W * info['n_images']):.4f} bpp)",
+            "header bytes": info["header_bytes"],
+            "y stream bytes": ", ".join(f"{len(s):,}" for s in ys),
+            "z stream bytes": ", ".join(f"{len(s):,}" for s in zs),
+            "config fingerprint": info["config_fingerprint"].hex(),
+            "weights fingerprint": info["weights_fingerprint"].hex(),
+            "encoder threads": info["threads"] if info["threads"] is not None else "not recorded (version 1)",
+            "encoder environment": ", ".join(f"{k}={v}" for k, v in info["encoder"].items()) or "not recorded"}

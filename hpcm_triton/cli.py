@@ -1,48 +1,71 @@
 """Command line: ``hpcm-triton`` / ``python -m hpcm_triton``.
 
-Subcommands: demo (the default), compress, decompress, train, evaluate, info.
-User errors (missing or unreadable files, corrupted or foreign bitstreams, bad checkpoints)
-print one line on stderr and exit with status 2; outputs are written atomically, so a failed
-command never leaves a partial file behind.
+Subcommands: demo (the default), compress, decompress, train, export, evaluate, info.
+User errors (missing or unreadable files, corrupted or foreign bitstreams, bad checkpoints,
+bad arguments) print one line on stderr and exit with status 2; outputs are written
+atomically, never over an existing file without ``--force`` and never over an input. Ctrl-C
+(SIGINT) or SIGTERM ends the whole command at once with status 130 (143), no traceback and no
+partial file; the decode worker dies with it.
+
+Only argparse is imported up front: ``--help``, ``--version`` and argument errors answer
+without loading torch.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import difflib
 import os
+import signal
 import sys
-import tempfile
+import threading
 import time
 from pathlib import Path
 
 from .train_args import ALL_MODELS
 
 PROG = "hpcm-triton"
-COMMANDS = ("demo", "compress", "decompress", "train", "evaluate", "info")
+COMMANDS = ("demo", "compress", "decompress", "train", "evaluate", "info")  # plus what train_args registers
 DEMO_DEFAULT_SIZE = "full"  # measured: all six variants on chelsea in ~2.5 min on the 2-core CPU
 UNTRAINED_NOTE = ("NOTE: weights are UNTRAINED (seeded deterministically from parameter names; no trained "
                   "checkpoint ships), so bitrates and PSNR show the coding path works, not compression quality.")
+DEFAULT_MAX_PIXELS = 7680 * 4320  # == bitstream.DEFAULT_MAX_PIXELS (not imported: bitstream loads torch)
 
 
 class UserError(Exception):
     """A problem with the user's input: reported in one line, exit status 2."""
 
 
-def _user_errors():
-    from .entropy import BitstreamError
-    from .models.official import CheckpointMismatchError
-
-    return (UserError, BitstreamError, CheckpointMismatchError, ValueError, OSError)
+def _is_user_error(e: BaseException) -> bool:
+    """UserError, OSError, ValueError (BitstreamError, CheckpointMismatchError are ValueErrors)."""
+    return isinstance(e, (UserError, ValueError, OSError))
 
 
-def _check_output(path: str) -> Path:
-    p = Path(path)
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise UserError(f"{path}: output directory {parent} does not exist")
-    if p.is_dir():
-        raise UserError(f"{path}: is a directory")
-    return p
+def _note(msg: str) -> None:
+    print(f"{PROG}: note: {msg}", file=sys.stderr)
+
+
+def _check_output(path: str, force: bool = False, inputs=()) -> Path:
+    from .outputs import check_output
+
+    return check_output(path, force=force, inputs=[i for i in inputs if i])
+
+
+def _check_device(device: str) -> str:
+    """The device string, or a UserError for one that does not exist here."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {device}: not a device name (cpu, cuda, cuda:1, …)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: no CUDA GPU is available on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif dev.type != "cpu":
+        raise UserError(f"--device {device}: only cpu and cuda are supported")
+    return device
 
 
 def _model(name: str, size: str, checkpoint: str | None, device: str = "cpu"):
@@ -50,7 +73,17 @@ def _model(name: str, size: str, checkpoint: str | None, device: str = "cpu"):
     from .train import load_checkpoint, seeded_model
 
     if checkpoint:
-        model, name, _ = load_checkpoint(checkpoint, name=name, device=device)
+        if not Path(checkpoint).is_file():
+            raise UserError(f"{checkpoint}: no such checkpoint file"
+                            + (" (it is a directory)" if Path(checkpoint).is_dir() else ""))
+        try:
+            model, name, _ = load_checkpoint(checkpoint, name=name, device=device)
+        except Exception as e:  # torch.load and load_state_dict raise anything on a foreign file
+            if isinstance(e, (ValueError, OSError)):
+                raise
+            detail = " ".join(str(e).split())[:200]
+            raise UserError(f"{checkpoint}: not a usable checkpoint for {name or 'this model'} "
+                            f"({e.__class__.__name__}: {detail})") from None
         return model, name
     return seeded_model(name, size).to(device), name.lower()
 
@@ -59,41 +92,83 @@ def _n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+class _Progress:
+    """A tqdm bar on a terminal; otherwise one plain line per item on stderr."""
+
+    def __init__(self, items, desc: str):
+        self.items, self.desc = list(items), desc
+
+    def __iter__(self):
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            yield from tqdm(self.items, desc=self.desc, file=sys.stderr, dynamic_ncols=True)
+            return
+        t0 = time.perf_counter()
+        for i, item in enumerate(self.items):
+            print(f"{self.desc}: {i + 1}/{len(self.items)} {item} (started at {time.perf_counter() - t0:.1f} s)",
+                  file=sys.stderr, flush=True)
+            yield item
+        print(f"{self.desc}: done, {len(self.items)} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+
+
 # ---------------------------------------------------------------- demo
 def cmd_demo(args) -> int:
+    import tempfile
+
     import torch
-    from tqdm import tqdm
 
     from . import bitstream
     from . import images as im
+    from .outputs import track, untrack
 
-    label, x = im.resolve_image(args.image)
+    _check_device(args.device)
+    keep = Path(args.keep) if args.keep else None
+    if keep is not None and keep.exists() and not keep.is_dir():
+        raise UserError(f"--keep {keep}: exists and is not a directory")
+    label, x = im.resolve_image(args.image, report=_note)
+    stem = label.rsplit('.', 1)[0]
+    if keep is not None and keep.is_dir():
+        for name in args.models:
+            _check_output(keep / f"{stem}.{name}.hpcm", args.force, [args.image])
     H, W = x.shape[-2:]
     print(f"hpcm-triton demo: image {label} ({H}×{W}), widths: {args.size} "
           f"({'official' if args.size == 'full' else 'TINY test widths'}), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} CPU threads")
+          f"{torch.get_num_threads()} CPU threads, device {args.device}")
     print(UNTRAINED_NOTE)
-    out_dir = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="hpcm-demo-"))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        out_dir = keep
+    else:
+        out_dir = Path(tempfile.mkdtemp(prefix="hpcm-demo-"))
+        track(out_dir)
     rows, ok = [], True
     t_start = time.perf_counter()
-    for name in tqdm(args.models, desc="variants", file=sys.stderr, dynamic_ncols=True):
-        model, _ = _model(name, args.size, None)
-        with torch.no_grad():
-            fwd = model(x)
-        est_bits = sum(-torch.log2(v).sum().item() for v in fwd["likelihoods"].values())
-        path = out_dir / f"{label.rsplit('.', 1)[0]}.{name}.hpcm"
-        t0 = time.perf_counter()
-        comp = model.compress(x)
-        bitstream.write(path, name, model, comp)
-        t1 = time.perf_counter()
-        x_hat = bitstream.decode(path, model, name)
-        t2 = time.perf_counter()
-        exact = torch.equal(x_hat, fwd["x_hat"].clamp(0, 1))
-        ok &= exact
-        file_bytes = os.path.getsize(path)
-        rows.append((name, _n_params(model), file_bytes, 8 * file_bytes / (H * W), est_bits / (H * W),
-                     im.psnr(x, x_hat), t1 - t0, t2 - t1, "yes" if exact else "NO"))
+    x = x.to(args.device)
+    try:
+        for name in _Progress(args.models, "variants"):
+            model, _ = _model(name, args.size, None, args.device)
+            with torch.no_grad():
+                fwd = model(x)
+            est_bits = sum(-torch.log2(v).sum().item() for v in fwd["likelihoods"].values())
+            path = out_dir / f"{stem}.{name}.hpcm"
+            t0 = time.perf_counter()
+            comp = model.compress(x)
+            bitstream.write(path, name, model, comp)
+            t1 = time.perf_counter()
+            x_hat = bitstream.decode(path, model, name)
+            t2 = time.perf_counter()
+            exact = torch.equal(x_hat, fwd["x_hat"].clamp(0, 1))
+            ok &= exact
+            file_bytes = os.path.getsize(path)
+            rows.append((name, _n_params(model), file_bytes, 8 * file_bytes / (H * W), est_bits / (H * W),
+                         im.psnr(x.cpu(), x_hat.cpu()), t1 - t0, t2 - t1, "yes" if exact else "NO"))
+    finally:
+        if keep is None:
+            import shutil
+
+            shutil.rmtree(out_dir, ignore_errors=True)
+            untrack(out_dir)
     total = time.perf_counter() - t_start
     head = ("model", "params", "file bytes", "bpp (file)", "bpp (est.)", "PSNR dB", "enc s", "dec s", "exact decode")
     fmt = ("{}", "{:,}", "{:,}", "{:.4f}", "{:.4f}", "{:.2f}", "{:.2f}", "{:.2f}", "{}")
@@ -106,11 +181,7 @@ def cmd_demo(args) -> int:
     print("bpp (file) counts every byte of the .hpcm file (header included); bpp (est.) is −Σlog2(likelihoods)/pixels.")
     print("enc s: compress + write the file; dec s: read + check fingerprints + decompress (wall time).")
     print("exact decode: decompress(file) == forward(x)['x_hat'].clamp(0, 1), bit for bit.")
-    print(f"files in {out_dir}{'' if args.keep else ' (temporary)'}; total {total:.1f} s")
-    if not args.keep:
-        for p in out_dir.iterdir():
-            p.unlink()
-        out_dir.rmdir()
+    print(f"files in {out_dir}{'' if keep is not None else ' (temporary, removed)'}; total {total:.1f} s")
     if not ok:
         print(f"{PROG}: error: decoded image differs from the forward reconstruction", file=sys.stderr)
         return 1
@@ -118,50 +189,90 @@ def cmd_demo(args) -> int:
 
 
 # ---------------------------------------------------------------- compress / decompress
+def _check_input_file(path: str, what: str = "file") -> None:
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{path}: is a directory, expected a {what}")
+    if not p.is_file():
+        raise UserError(f"{path}: no such file" + ("" if p.exists() else f" (expected {what})"))
+
+
 def cmd_compress(args) -> int:
-    from . import bitstream
-    from . import images as im
+    if os.path.exists(args.input) or args.input not in _bundled_names():
+        _check_input_file(args.input, "image file")
+    out = _check_output(args.output, args.force, [args.input])
+    if args.threads is not None and not 1 <= args.threads <= 256:
+        raise UserError(f"--threads {args.threads}: must be between 1 and 256")
+    _check_device(args.device)
 
-    out = _check_output(args.output)
-    _, x = im.resolve_image(args.input)  # a file, or a bundled photo name
-    if min(x.shape[-2:]) < 64:
-        raise UserError(f"{args.input}: image is {x.shape[-2]}×{x.shape[-1]}, the models need at least 64×64")
-    model, name = _model(args.model, args.size, args.checkpoint, args.device)
-    t0 = time.perf_counter()
-    comp = model.compress(x.to(args.device))
-    n = bitstream.write(out, name, model, comp)
-    dt = time.perf_counter() - t0
-    H, W = x.shape[-2:]
-    print(f"{args.input} ({H}×{W}) → {out}: {n:,} bytes, {8 * n / (H * W):.4f} bpp, {name}"
-          f"{'' if args.checkpoint else f' ({args.size}, untrained seeded weights)'}, {dt:.2f} s")
-    return 0
-
-
-def cmd_decompress(args) -> int:
     import torch
 
     from . import bitstream
     from . import images as im
+
+    _, x = im.resolve_image(args.input, report=_note)  # a file, or a bundled photo name
+    if min(x.shape[-2:]) < 64:
+        raise UserError(f"{args.input}: image is {x.shape[-2]}×{x.shape[-1]}, the models need at least 64×64")
+    model, name = _model(args.model, args.size, args.checkpoint, args.device)
+    t0 = time.perf_counter()
+    comp = model.compress(x.to(args.device), threads=torch.get_num_threads() if args.threads is None else args.threads)
+    n = bitstream.write(out, name, model, comp)
+    dt = time.perf_counter() - t0
+    H, W = x.shape[-2:]
+    print(f"{args.input} ({H}×{W}) → {out}: {n:,} bytes, {8 * n / (H * W):.4f} bpp, {name}"
+          f"{'' if args.checkpoint else f' ({args.size}, untrained seeded weights)'}, "
+          f"{comp['threads']} coding thread(s), {dt:.2f} s")
+    return 0
+
+
+def _bundled_names():
+    return ("chelsea", "astronaut", "coffee", "rocket", "hubble", "grace_hopper")
+
+
+def cmd_decompress(args) -> int:
+    _check_input_file(args.input, ".hpcm file")
+    out = _check_output(args.output, args.force, [args.input])
+    if args.max_pixels is not None and args.max_pixels < 1:
+        raise UserError(f"--max-pixels {args.max_pixels}: must be positive")
+    from . import bitstream  # no torch yet: a hostile header is refused before ~0.9 GB of imports
+
+    info = bitstream.read(args.input, max_pixels=args.max_pixels)
+    if info["n_images"] != 1:
+        raise UserError(f"{args.input}: holds {info['n_images']} images; the command line decodes files of one "
+                        "(use hpcm_triton.bitstream.decode in Python)")
+    _check_device(args.device)
+
+    import torch
+
+    from . import images as im
     from .models.seeded import seeded_init_
     from .models.zoo import get_model
 
-    out = _check_output(args.output)
-    info = bitstream.read(args.input)
     if args.checkpoint:
         model, name = _model(info["model"], "full", args.checkpoint, args.device)
     else:
         name = info["model"]
-        model = seeded_init_(get_model(name, **dataclasses.asdict(info["config"]))).to(args.device).eval()
+        model = seeded_init_(get_model(name, **_asdict(info["config"]))).to(args.device).eval()
         model.update(force=True)
     bitstream.check(info, model, name)
+    threads = info.get("threads")
+    if threads and threads > (os.cpu_count() or 1):
+        _note(f"the file was encoded with {threads} CPU threads; decoding uses the same count (bit-exact "
+              f"arithmetic needs it) on {os.cpu_count()} CPUs, which is slower")
     t0 = time.perf_counter()
     with torch.no_grad():
-        x_hat = model.decompress(info["strings"], info["shape"], image_size=info["image_size"])["x_hat"]
+        x_hat = bitstream.decompress(info, model)
     dt = time.perf_counter() - t0
     im.save_image(x_hat.cpu(), out)
     H, W = info["image_size"]
     print(f"{args.input} → {out} ({H}×{W}), {name}, {dt:.2f} s")
     return 0
+
+
+def _asdict(config) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(config)
 
 
 # ---------------------------------------------------------------- train / evaluate / info
@@ -196,7 +307,25 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _check_evaluate_outputs(args) -> None:
+    """evaluate writes OUT/results.json, OUT/per_image.json, OUT/rd.png: refuse to replace them
+    without --force, and refuse an OUT that is an input (the data folder, a checkpoint)."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    inputs = [args.data, *(args.checkpoints or [])]
+    for i in inputs:
+        if i and Path(i).exists() and Path(i).resolve() == out.resolve():
+            raise UserError(f"--out {out}: is the input {i}; choose another folder")
+    if out.is_dir():
+        for f in ("results.json", "per_image.json", "rd.png"):
+            _check_output(out / f, args.force, inputs)
+    _check_device(args.device)
+
+
 def cmd_info(args) -> int:
+    if args.file:
+        return _info_file(args)
     import torch
 
     from .models.zoo import MODELS, get_model
@@ -217,49 +346,111 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _info_file(args) -> int:
+    """What a .hpcm file holds, from its header alone: no model is built."""
+    _check_input_file(args.file, ".hpcm file")
+    from . import bitstream
+
+    info = bitstream.read(args.file, max_pixels=None)
+    d = bitstream.describe_file(info)
+    w = max(map(len, d))
+    print(f"{args.file}:")
+    for k, v in d.items():
+        print(f"  {k:<{w}}  {v}")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help, and no "(default: None)" noise."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``hpcm-triton: error: …`` and exit status 2."""
+
+    def error(self, message):
+        sub = self.prog[len(PROG):].strip()
+        hint = f" (see {PROG}{' ' + sub if sub else ''} --help)"
+        sys.stderr.write(f"{PROG}: error: {sub + ': ' if sub else ''}{message}{hint}\n")
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__, train_args
 
-    p = argparse.ArgumentParser(prog=PROG, description="HPCM learned image compression and its RWKV hybrids. "
-                                "Without a subcommand, runs the demo.")
+    p = _Parser(prog=PROG, formatter_class=_Formatter,
+                description="HPCM learned image compression and its RWKV hybrids. Without a subcommand, runs "
+                            "the demo.")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+
+    def add(name, **kw):
+        return sub.add_parser(name, formatter_class=_Formatter, **kw)
+
+    def device(sp):
+        sp.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda or cuda:N")
 
     def common(sp, size_default="full", model=True):
         if model:
-            sp.add_argument("--model", default="phase3", choices=ALL_MODELS, type=str.lower)
+            sp.add_argument("--model", default="phase3", choices=ALL_MODELS, type=str.lower,
+                            help="which variant (see `hpcm-triton info`)")
         sp.add_argument("--size", default=size_default, choices=("tiny", "full"),
                         help="tiny: small test widths (fast on CPU); full: the official widths")
-        sp.add_argument("--device", default="cpu")
+        device(sp)
 
-    d = sub.add_parser("demo", help="end-to-end run on a bundled photo, every variant (default command)")
+    def force(sp, what="the output file"):
+        sp.add_argument("--force", action="store_true",
+                        help=f"replace {what} if it exists (an input is never overwritten)")
+
+    d = add("demo", help="end-to-end run on a bundled photo, every variant (default command)",
+            description="Compress a photo with each variant into a real .hpcm file, decode it, and report "
+                        "bpp, PSNR, times and whether the decode is exact.")
     d.add_argument("--image", default="chelsea", help="a bundled photo name (chelsea, astronaut, coffee, rocket, "
                    "hubble, grace_hopper) or an image file")
-    d.add_argument("--models", nargs="+", default=list(ALL_MODELS), choices=ALL_MODELS, type=str.lower)
+    d.add_argument("--models", nargs="+", default=list(ALL_MODELS), choices=ALL_MODELS, type=str.lower,
+                   help="the variants to run")
     d.add_argument("--size", default=DEMO_DEFAULT_SIZE, choices=("tiny", "full"),
-                   help=f"model widths (default {DEMO_DEFAULT_SIZE})")
-    d.add_argument("--keep", metavar="DIR", help="keep the .hpcm files in DIR")
+                   help="model widths: tiny (test widths, fast) or full (official)")
+    device(d)
+    d.add_argument("--keep", metavar="DIR", help="keep the .hpcm files in DIR (default: a temporary folder, "
+                   "removed at the end)")
+    force(d, "existing .hpcm files in --keep DIR")
     d.set_defaults(func=cmd_demo)
 
-    c = sub.add_parser("compress", help="image file → .hpcm file")
+    c = add("compress", help="image file → .hpcm file",
+            description="Compress an image (any bit depth and mode Pillow reads) into a .hpcm file.")
     c.add_argument("input", help="an image file, or a bundled photo name (e.g. chelsea)")
-    c.add_argument("-o", "--output", required=True)
-    c.add_argument("--checkpoint", help="a training checkpoint or an official state_dict (else untrained seeded)")
+    c.add_argument("-o", "--output", required=True, help="the .hpcm file to write")
+    c.add_argument("--checkpoint", help="a training checkpoint or an official state_dict (default: the "
+                   "untrained seeded weights)")
     common(c)
+    c.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the coding path, recorded in the file; the decoder uses the same "
+                        "count (default: torch's, i.e. OMP_NUM_THREADS or the number of cores)")
+    force(c)
     c.set_defaults(func=cmd_compress)
 
-    x = sub.add_parser("decompress", help=".hpcm file → image file (PNG)")
-    x.add_argument("input")
-    x.add_argument("-o", "--output", required=True)
-    x.add_argument("--checkpoint", help="the checkpoint that compressed the file (else the seeded model the "
-                   "file names)")
-    x.add_argument("--device", default="cpu")
+    x = add("decompress", help=".hpcm file → image file (PNG)",
+            description="Decode a .hpcm file into an image. The file's header is validated before any model "
+                        "is built; a corrupted, truncated, foreign or hostile file ends in one line and exit 2.")
+    x.add_argument("input", help="the .hpcm file")
+    x.add_argument("-o", "--output", required=True, help="the image to write (format from the suffix, e.g. .png)")
+    x.add_argument("--checkpoint", help="the checkpoint that compressed the file (default: the seeded model "
+                   "the file names)")
+    device(x)
+    x.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="refuse files whose images hold more pixels than this (bounds memory; 8K UHD by default)")
+    force(x)
     x.set_defaults(func=cmd_decompress)
 
     train_args.register(sub)  # train (and export): hpcm_triton/train_args.py
 
-    e = sub.add_parser("evaluate", help="RD evaluation with real bitstreams (CompressAI results JSON, RD plot)")
+    e = add("evaluate", help="RD evaluation with real bitstreams (CompressAI results JSON, RD plot)")
     e.add_argument("checkpoints", nargs="*", help="checkpoints, one RD point each (none: the seeded untrained model)")
     e.add_argument("--model", default=None, choices=ALL_MODELS, type=str.lower,
                    help="the checkpoints' model: needed for official state_dicts, checked against training "
@@ -270,31 +461,91 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--compare", nargs=2, metavar=("TEST.json", "ANCHOR.json"),
                    help="only compute BD-rates (PSNR, MS-SSIM) of one results file against another")
     e.add_argument("--data", default=None, help="a folder of images (default: the bundled photos)")
-    e.add_argument("--max-images", type=int, default=None)
-    e.add_argument("--name", default=None)
-    e.add_argument("--out", default="runs/eval")
+    e.add_argument("--max-images", type=int, default=None, help="evaluate at most this many images")
+    e.add_argument("--name", default=None, help="the name in results.json (default: the model's)")
+    e.add_argument("--out", default="runs/eval", help="folder for results.json, per_image.json and rd.png")
+    force(e, "results.json, per_image.json and rd.png in --out")
     e.set_defaults(func=cmd_evaluate)
 
-    i = sub.add_parser("info", help="variants, parameter counts, RWKV modules")
-    i.add_argument("--size", default="full", choices=("tiny", "full"))
+    i = add("info", help="variants, parameter counts, RWKV modules; or what a .hpcm file holds",
+            description="Without FILE: every variant's parameter count and RWKV modules. With FILE: what the "
+                        ".hpcm file holds (variant, config, image size, stream sizes, fingerprints, encoder "
+                        "environment), read from its header without building a model.")
+    i.add_argument("file", nargs="?", help="a .hpcm file to describe")
+    i.add_argument("--size", default="full", choices=("tiny", "full"), help="widths for the parameter counts")
     i.set_defaults(func=cmd_info)
+    sub.metavar = "{" + ",".join(sub.choices) + "}"
+    p.commands = tuple(sub.choices)
     return p
 
 
+PRECHECKS = {"evaluate": _check_evaluate_outputs}
+# Commands whose own code handles KeyboardInterrupt (a training run may want to save): they get
+# Python's default SIGINT behaviour; main() still turns it into exit 130 without a traceback.
+GRACEFUL = ("train", "export")
+
+
+def _command(argv: list[str], commands=COMMANDS) -> list[str]:
+    """argv with the default command made explicit; a word that is no command is an error."""
+    if not argv:
+        return ["demo"]
+    first = argv[0]
+    if first in commands or first in ("-h", "--help", "--version"):
+        return argv
+    if first.startswith("-"):
+        return ["demo", *argv]
+    close = difflib.get_close_matches(first, commands, n=1)
+    raise UserError(f"unknown command {first!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                    + f"; commands: {', '.join(commands)}")
+
+
+def _exit_on_signals() -> None:
+    """Make SIGINT/SIGTERM end the process within a second, whatever the main thread is doing
+    (a long convolution does not return to Python for seconds): block them in every thread
+    and wait for them in one that removes partial outputs and exits 130 (SIGINT) or 143."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        return
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+
+    def wait():
+        sig = signal.sigwait(sigs)
+        try:
+            from .outputs import remove_pending
+
+            remove_pending()
+            sys.stdout.flush()
+        finally:
+            os.write(2, f"{PROG}: interrupted\n".encode())
+            os._exit(130 if sig == signal.SIGINT else 143)
+
+    threading.Thread(target=wait, name="hpcm-signals", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
-        argv.insert(0, "demo")
-    args = build_parser().parse_args(argv)
+    """The command line. Called without ``argv`` (as the program), interrupts end the process
+    directly (see :func:`_exit_on_signals`); called with ``argv`` (tests, scripts), Ctrl-C
+    raises KeyboardInterrupt inside and returns 130."""
+    as_program = argv is None
+    argv = sys.argv[1:] if as_program else argv
     try:
+        parser = build_parser()
+        args = parser.parse_args(_command(list(argv), parser.commands))
+        if as_program and args.command not in GRACEFUL:
+            _exit_on_signals()
+        check = PRECHECKS.get(args.command)
+        if check is not None:
+            check(args)
         return args.func(args)
-    except _user_errors() as e:
-        msg = " ".join(str(e).split()) or e.__class__.__name__
-        print(f"{PROG}: error: {msg}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
+        msg = " ".join(str(e).split()) or e.__class__.__name__
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -84,10 +84,62 @@ def bundled(name: str) -> torch.Tensor:
         raise ValueError(f"bundled image {name!r} is not available here: {e}") from None
 
 
-def load_image(path: str | os.PathLike) -> torch.Tensor:
+def _pixels(im) -> tuple[np.ndarray, list[str]]:
+    """A Pillow image → ((H, W, 3) uint8 array, or float32 in [0, 1] for deeper pixels; what
+    was converted).
+
+    8-bit modes map 0..255, 16-bit ones 0..65535; palette, bilevel, CMYK, YCbCr, LAB and HSV
+    images are converted to RGB, greyscale is replicated to three channels, and an alpha
+    channel is dropped (its colour values kept). Anything else raises ValueError.
+    """
+    mode, notes = im.mode, []
+    if getattr(im, "n_frames", 1) > 1:
+        notes.append(f"{im.n_frames} frames, using the first")
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(im)
+        if mode == "I" and (a.min() < 0 or a.max() > 65535):
+            raise ValueError(f"32-bit integer pixels outside 0..65535 (min {a.min()}, max {a.max()}); "
+                             "convert the image to 8 or 16 bits per channel")
+        notes.append("16-bit greyscale, scaled from 0..65535")
+        g = a.astype(np.float64) / 65535.0
+        return np.repeat(g[..., None], 3, -1).astype(np.float32), notes
+    if mode == "F":
+        a = np.asarray(im).astype(np.float64)
+        if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+            raise ValueError("floating-point pixels outside [0, 1]; convert the image to 8 or 16 bits per channel")
+        notes.append("floating-point greyscale, used as [0, 1]")
+        return np.repeat(a[..., None], 3, -1).astype(np.float32), notes
+    if mode in ("RGB", "L"):
+        pass
+    elif mode in ("RGBA", "RGBa", "LA", "La", "PA"):
+        notes.append("alpha channel dropped")
+    elif mode == "P":
+        notes.append("palette image converted to RGB"
+                     + ("; its transparency dropped" if "transparency" in im.info else ""))
+    elif mode in ("1", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
+        notes.append({"1": "1-bit image", "RGBX": "RGBX image"}.get(mode, f"{mode} image") + " converted to RGB")
+    else:
+        raise ValueError(f"unsupported pixel mode {mode!r}")
+    if mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    rgb = np.asarray(im.convert("RGB"))
+    if rgb.dtype != np.uint8:
+        raise ValueError(f"unexpected {rgb.dtype} pixels after converting mode {mode!r} to RGB")
+    return rgb, notes
+
+
+def _png_bit_depth(path: Path) -> int | None:
+    with open(path, "rb") as f:
+        head = f.read(26)
+    return head[24] if len(head) == 26 and head[12:16] == b"IHDR" else None
+
+
+def load_image(path: str | os.PathLike, report=None) -> torch.Tensor:
     """Read an image file (PNG, JPEG, … via Pillow) → (1, 3, H, W) float32 in [0, 1].
 
-    Raises FileNotFoundError for a missing file and ValueError for a file Pillow cannot read.
+    Any bit depth and mode Pillow reads is converted (see :func:`_pixels`); ``report(msg)`` is
+    called once with what was converted, if anything. Raises FileNotFoundError for a missing
+    file and ValueError for a file that is not a readable image or has an unsupported mode.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -99,16 +151,25 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
     try:
         with Image.open(path) as im:
             im.load()
-            rgb = np.asarray(im.convert("RGB"))
+            pixels, notes = _pixels(im)
+            if im.format == "PNG" and im.mode in ("RGB", "RGBA") and _png_bit_depth(path) == 16:
+                notes.insert(0, "16-bit colour read at 8-bit precision")
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"{path}: not a readable image ({e.__class__.__name__}: {e})") from None
-    return from_uint8(rgb)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    if report is not None and notes:
+        report(f"{path.name}: " + "; ".join(notes))
+    if pixels.dtype == np.uint8:
+        return from_uint8(pixels)
+    # contiguous NCHW (see from_uint8)
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))[None].contiguous()
 
 
-def resolve_image(spec: str) -> tuple[str, torch.Tensor]:
+def resolve_image(spec: str, report=None) -> tuple[str, torch.Tensor]:
     """An existing file path, else a bundled photo name → (label, image)."""
     if os.path.exists(spec) or spec not in BUNDLED:
-        return Path(spec).name, load_image(spec)
+        return Path(spec).name, load_image(spec, report)
     return spec, bundled(spec)
 
 

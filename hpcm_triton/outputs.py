@@ -42,6 +42,35 @@ def check_output(path: str | os.PathLike, *, force: bool = False,
     return p
 
 
+# Temporary files and folders being written right now: removed by remove_pending() when an
+# interrupt ends the process before their writer could clean up (the CLI's signal handler).
+_PENDING: set = set()
+
+
+def track(path: str | os.PathLike) -> None:
+    """Register a temporary file or folder to be removed if the process is interrupted."""
+    _PENDING.add(str(path))
+
+
+def untrack(path: str | os.PathLike) -> None:
+    _PENDING.discard(str(path))
+
+
+def remove_pending() -> None:
+    """Remove every tracked temporary file or folder (best effort; for interrupt handlers)."""
+    import shutil
+
+    for p in list(_PENDING):
+        try:
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.unlink(p)
+        except OSError:
+            pass
+        _PENDING.discard(p)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -56,6 +85,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.",
                                suffix=".tmp")
     os.close(fd)
+    track(tmp)
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
@@ -68,6 +98,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         except FileNotFoundError:
             pass
         raise
+    finally:
+        untrack(tmp)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -156,7 +157,8 @@ def test_demo_subprocess(png):
     for row in rows:
         nbytes, bpp_file = int(row[2].replace(",", "")), float(row[3])
         assert bpp_file == pytest.approx(8 * nbytes / (128 * 192), abs=1e-4)
-    assert "variants" in r.stderr  # the tqdm bar
+    # off a terminal, progress is plain lines (a tqdm bar would fill logs with carriage returns)
+    assert "\r" not in r.stderr and "variants: 2/2 phase3" in r.stderr
 
 
 def test_default_command_is_demo():
@@ -173,3 +175,153 @@ def test_info_tiny(capsys):
     assert "none" in lines["hpcm-base"] and "none" in lines["hpcm-large"]
     assert "attn_s3" in lines["phase1"] and "attn_s1" not in lines["phase1"]
     assert "context_net" in lines["phase3"] and "y_spatial_prior_s3" in lines["phase4"]
+
+
+# ---------------------------------------------------------------- issue 8/9: safe outputs, clear errors, fast answers
+def _make_hpcm(png, out, *extra):
+    assert cli.main(["compress", str(png), "-o", str(out), "--size", "tiny", "--model", "phase2", *extra]) == 0
+
+
+def test_compress_never_overwrites_its_input_or_an_existing_file(png, tmp_path, capsys):
+    src = tmp_path / "photo.png"
+    src.write_bytes(png.read_bytes())
+    before = src.read_bytes()
+    for force in ([], ["--force"]):
+        assert "is the input" in _main_error(capsys, "compress", src, "-o", src, "--size", "tiny", *force)
+    link = tmp_path / "link.hpcm"
+    link.symlink_to(src)
+    hard = tmp_path / "hard.hpcm"
+    os.link(src, hard)
+    for same in (link, hard):  # the same file through a link, even with --force
+        assert "is the input" in _main_error(capsys, "compress", src, "-o", same, "--size", "tiny", "--force")
+    assert src.read_bytes() == before
+    out = tmp_path / "existing.hpcm"
+    out.write_bytes(b"precious")
+    assert "already exists" in _main_error(capsys, "compress", src, "-o", out, "--size", "tiny")
+    assert out.read_bytes() == b"precious"
+    _make_hpcm(src, out, "--force")
+    assert out.read_bytes()[:4] == b"HPCM"
+
+
+def test_decompress_never_overwrites(png, tmp_path, capsys):
+    enc = tmp_path / "a.hpcm"
+    _make_hpcm(png, enc)
+    capsys.readouterr()
+    data = enc.read_bytes()
+    assert "is the input" in _main_error(capsys, "decompress", enc, "-o", enc, "--force")
+    out = tmp_path / "a.png"
+    out.write_bytes(b"precious")
+    assert "already exists" in _main_error(capsys, "decompress", enc, "-o", out)
+    assert out.read_bytes() == b"precious" and enc.read_bytes() == data
+    assert cli.main(["decompress", str(enc), "-o", str(out), "--force"]) == 0
+    assert im.load_image(out).shape == (1, 3, 128, 192)
+
+
+def test_demo_keep_and_evaluate_out_never_overwrite(png, tmp_path, capsys):
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "small.phase2.hpcm").write_bytes(b"precious")
+    assert "already exists" in _main_error(capsys, "demo", "--size", "tiny", "--models", "phase2", "--image", png,
+                                           "--keep", keep)
+    assert (keep / "small.phase2.hpcm").read_bytes() == b"precious"
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    (ev / "results.json").write_text("{}")
+    assert "already exists" in _main_error(capsys, "evaluate", "--size", "tiny", "--out", ev, "--max-images", "1")
+    assert (ev / "results.json").read_text() == "{}"
+    assert "is the input" in _main_error(capsys, "evaluate", "--size", "tiny", "--data", ev, "--out", ev, "--force")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_device_cuda_without_a_gpu(png, hpcm_file, tmp_path, capsys):
+    for args in (("compress", png, "-o", tmp_path / "x.hpcm", "--size", "tiny"),
+                 ("decompress", hpcm_file, "-o", tmp_path / "x.png"),
+                 ("evaluate", "--size", "tiny", "--out", tmp_path / "ev"),
+                 ("demo", "--size", "tiny", "--models", "phase2", "--image", png)):
+        assert "no CUDA GPU" in _main_error(capsys, *args, "--device", "cuda")
+    assert os.listdir(tmp_path) == []
+
+
+def test_mistyped_command_directory_and_bad_checkpoint(hpcm_file, tmp_path, capsys):
+    assert "unknown command 'compres' (did you mean 'compress'?)" in _main_error(capsys, "compres", "a.png", "-o",
+                                                                                 "b.hpcm")
+    assert "is a directory" in _main_error(capsys, "decompress", tmp_path, "-o", tmp_path / "o.png")
+    # a training-format checkpoint whose state_dict does not fit: load_state_dict raised a RuntimeError
+    ck = tmp_path / "broken.pt"
+    torch.save({"model": "phase3", "config": dict(M=32, N=32, transform_widths=[16, 24, 32], attention_heads=4),
+                "state_dict": {"g_a.nonsense": torch.zeros(1)}}, ck)
+    msg = _main_error(capsys, "decompress", hpcm_file, "-o", tmp_path / "o.png", "--checkpoint", ck)
+    assert "not a usable checkpoint" in msg and "broken.pt" in msg
+    assert "no such checkpoint" in _main_error(capsys, "decompress", hpcm_file, "-o", tmp_path / "o.png",
+                                               "--checkpoint", tmp_path / "nope.pt")
+    assert not (tmp_path / "o.png").exists()
+    assert "--threads 0" in _main_error(capsys, "compress", "chelsea", "-o", tmp_path / "t.hpcm", "--threads", "0")
+
+
+def test_argument_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["compress"])
+    assert e.value.code == 2
+    assert "required" in _one_line_error(capsys.readouterr().err)
+
+
+def test_help_shows_every_default_and_meaning():
+    parser = cli.build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, cli.argparse._SubParsersAction)).choices
+    for name in ("demo", "compress", "decompress", "evaluate", "info"):
+        sp = subs[name]
+        sp.format_help()  # renders
+        fmt = sp._get_formatter()
+        for a in sp._actions:
+            if not a.option_strings or a.dest == "help":
+                continue
+            assert a.help, f"{name} {a.option_strings}: no help"
+            if a.default not in (None, False, cli.argparse.SUPPRESS):
+                assert "%(default)" in fmt._get_help_string(a), f"{name} {a.option_strings}: default not shown"
+    assert "(default: phase3)" in " ".join(subs["compress"].format_help().split())
+    assert "--force" in subs["compress"].format_help() and "--max-pixels" in subs["decompress"].format_help()
+
+
+def test_fast_answers_import_no_torch(tmp_path):
+    """--help, --version, argument errors and a missing file answer without importing torch
+    (which takes seconds and ~0.9 GB here)."""
+    code = ("import sys, contextlib, io\nfrom hpcm_triton import cli\nfor argv in {argvs!r}:\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+            "        try: cli.main(argv)\n        except SystemExit: pass\n"
+            "print('torch' in sys.modules)")
+    argvs = [["--help"], ["--version"], ["compress", "--help"], ["compress"], ["compres"],
+             ["compress", str(tmp_path / "nope.png"), "-o", str(tmp_path / "o.hpcm")],
+             ["decompress", str(tmp_path / "nope.hpcm"), "-o", str(tmp_path / "o.png")]]
+    r = subprocess.run([sys.executable, "-c", code.format(argvs=argvs)], capture_output=True, text=True, env=ENV)
+    assert r.stdout.strip() == "False", r.stdout + r.stderr
+    for args in (["--help"], ["--version"], ["compres"], ["compress", tmp_path / "nope.png", "-o", "x.hpcm"]):
+        t0 = time.perf_counter()
+        r = run(*args)
+        dt = time.perf_counter() - t0
+        assert r.returncode in (0, 2) and dt < 2.0, (args, dt)
+
+
+def test_outputs_honour_the_umask(png, tmp_path):
+    enc, dec, keep = tmp_path / "a.hpcm", tmp_path / "a.png", tmp_path / "keep"
+    old = os.umask(0o027)
+    try:
+        for args in (("compress", png, "-o", enc, "--size", "tiny", "--model", "phase2"),
+                     ("decompress", enc, "-o", dec),
+                     ("demo", "--size", "tiny", "--models", "phase2", "--image", png, "--keep", keep)):
+            assert cli.main([str(a) for a in args]) == 0
+    finally:
+        os.umask(old)
+    for p in (enc, dec, keep / "small.phase2.hpcm"):
+        assert oct(p.stat().st_mode & 0o777) == oct(0o640), p
+
+
+def test_info_describes_a_file_without_a_model(hpcm_file, capsys, monkeypatch):
+    import hpcm_triton.models.zoo as zoo
+
+    monkeypatch.setattr(zoo, "get_model", lambda *a, **k: pytest.fail("info built a model"))
+    assert cli.main(["info", str(hpcm_file)]) == 0
+    out = capsys.readouterr().out
+    info = bitstream.read(hpcm_file)
+    for s in ("phase3", "128×192", "'M': 32", info["weights_fingerprint"].hex(), info["config_fingerprint"].hex(),
+              f"{len(info['strings'][0][0]):,}", "encoder threads"):
+        assert s in out, s

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..entropy import BitstreamError, CdfTables, DecodeSession, GeneralizedGaussian, default_scale_table, encode
+from ..coding_env import coding_path
 from ..layers import conv1x1
 from . import masks
 from .config import BASE, HPCMConfig
@@ -324,6 +325,7 @@ class HPCM(_CompressAIModel):
         return {"x_hat": x_hat, "likelihoods": {"y": self.entropy_estimation(y_for_rate, scales), "z": z_likelihoods}}
 
     @torch.no_grad()
+    @coding_path  # fixed thread count, kernels by shape alone: the decoder must see the same floats
     def compress(self, x: torch.Tensor) -> dict:
         """x (B, 3, H, W) → {"strings": [[y bytes]*B, [z bytes]*B], "shape": (zh, zw), "image_size": (H, W)}.
 
@@ -361,6 +363,7 @@ class HPCM(_CompressAIModel):
         return torch.arange(C, dtype=torch.int32).view(1, C, 1, 1).expand(B, C, h, w)
 
     @torch.no_grad()
+    @coding_path
     def decompress(self, strings, shape=None, image_size=None) -> dict:
         """Decode ``strings`` (as returned by :meth:`compress`) into {"x_hat": (B, 3, H, W)}.
 
