@@ -77,7 +77,7 @@ CONFIG_BOUNDS = {
     "M": (8, 320), "N": (8, 256), "transform_widths": (3, 4, 384), "ga_blocks": (3, 0, 16),
     "gs_blocks": (3, 0, 16), "prior_s1_s2_blocks": (2, 0, 8), "prior_s3_blocks": (2, 0, 8),
     "attention_windows": (3, 1, 16), "attention_heads": (1, 64), "rwkv_rates": (3, 1, 8),
-    "rwkv_prior_blocks": (1, 8),
+    "rwkv_prior_s1_s2_blocks": (2, 0, 8), "rwkv_prior_s3_blocks": (2, 0, 8),
 }
 _STRUCTURE = ("cells", "fusion", "prior")
 

@@ -175,6 +175,8 @@ def test_make_file_builds_what_the_reader_accepts():
     (dict(overrides=b'{"transform_widths": [16, 24, 100000]}'), "transform_widths"),
     (dict(overrides=b'{"ga_blocks": [2, 2, 4000]}'), "ga_blocks"),
     (dict(overrides=b'{"cells": ["attention", "attention", "attention"]}'), "not phase2's"),
+    (dict(name=b"phase4", overrides=b'{"rwkv_prior_s3_blocks": [2, 5000]}'), "rwkv_prior_s3_blocks"),
+    (dict(name=b"phase4", overrides=b'{"rwkv_prior_s1_s2_blocks": [4000, 1]}'), "rwkv_prior_s1_s2_blocks"),
     (dict(overrides=b'{"nonsense": 1}'), "unknown config fields"),
     (dict(overrides=b"[" * 30000 + b"]" * 30000), "unusable"),
     (dict(overrides=b"\xff\xfe"), "unusable"),

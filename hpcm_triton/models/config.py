@@ -58,13 +58,6 @@ class HPCMConfig:
         return 128
 
     @property
-    def rwkv_prior_blocks(self) -> int:
-        """Read-only, for code written against the single field this replaced (RWKV blocks before
-        the quant_step in the priors): the larger of the two priors' counts. Bound-check the two
-        tuple fields themselves."""
-        return max(self.rwkv_prior_s1_s2_blocks[0], self.rwkv_prior_s3_blocks[0])
-
-    @property
     def rwkv_modules(self) -> tuple:
         """Top-level modules that are RWKV in this variant (in place of the official ones)."""
         flags = {"attn_s1": self.cells[0] == "rwkv", "attn_s2": self.cells[1] == "rwkv",
