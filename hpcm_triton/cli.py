@@ -24,6 +24,8 @@ from pathlib import Path
 from .train_args import ALL_MODELS
 
 PROG = "hpcm-triton"
+# What evaluate writes in --out (hpcm_triton/evaluate.py writes exactly these).
+EVALUATE_OUTPUTS = ("results.json", "per_image.json", "bd_rate.json", "evaluate.log", "rd.png")
 COMMANDS = ("demo", "compress", "decompress", "train", "evaluate", "info")  # plus what train_args registers
 DEMO_DEFAULT_SIZE = "full"  # measured: all six variants on chelsea in ~2.5 min on the 2-core CPU
 UNTRAINED_NOTE = ("NOTE: weights are UNTRAINED (seeded deterministically from parameter names; no trained "
@@ -85,31 +87,12 @@ def _model(name: str, size: str, checkpoint: str | None, device: str = "cpu"):
             raise UserError(f"{checkpoint}: not a usable checkpoint for {name or 'this model'} "
                             f"({e.__class__.__name__}: {detail})") from None
         return model, name
-    return seeded_model(name, size).to(device), name.lower()
+    name = (name or "phase3").lower()
+    return seeded_model(name, size).to(device), name
 
 
 def _n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-class _Progress:
-    """A tqdm bar on a terminal; otherwise one plain line per item on stderr."""
-
-    def __init__(self, items, desc: str):
-        self.items, self.desc = list(items), desc
-
-    def __iter__(self):
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            yield from tqdm(self.items, desc=self.desc, file=sys.stderr, dynamic_ncols=True)
-            return
-        t0 = time.perf_counter()
-        for i, item in enumerate(self.items):
-            print(f"{self.desc}: {i + 1}/{len(self.items)} {item} (started at {time.perf_counter() - t0:.1f} s)",
-                  file=sys.stderr, flush=True)
-            yield item
-        print(f"{self.desc}: done, {len(self.items)} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------- demo
@@ -121,6 +104,7 @@ def cmd_demo(args) -> int:
     from . import bitstream
     from . import images as im
     from .outputs import track, untrack
+    from .progress import progress
 
     _check_device(args.device)
     keep = Path(args.keep) if args.keep else None
@@ -146,7 +130,7 @@ def cmd_demo(args) -> int:
     t_start = time.perf_counter()
     x = x.to(args.device)
     try:
-        for name in _Progress(args.models, "variants"):
+        for name in progress(args.models, "variants"):
             model, _ = _model(name, args.size, None, args.device)
             with torch.no_grad():
                 fwd = model(x)
@@ -308,7 +292,7 @@ def cmd_evaluate(args) -> int:
 
 
 def _check_evaluate_outputs(args) -> None:
-    """evaluate writes OUT/results.json, OUT/per_image.json, OUT/rd.png: refuse to replace them
+    """evaluate writes EVALUATE_OUTPUTS in OUT: refuse to replace them
     without --force, and refuse an OUT that is an input (the data folder, a checkpoint)."""
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -318,7 +302,7 @@ def _check_evaluate_outputs(args) -> None:
         if i and Path(i).exists() and Path(i).resolve() == out.resolve():
             raise UserError(f"--out {out}: is the input {i}; choose another folder")
     if out.is_dir():
-        for f in ("results.json", "per_image.json", "rd.png"):
+        for f in EVALUATE_OUTPUTS:
             _check_output(out / f, args.force, inputs)
     _check_device(args.device)
 
@@ -397,8 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp, size_default="full", model=True):
         if model:
-            sp.add_argument("--model", default="phase3", choices=ALL_MODELS, type=str.lower,
-                            help="which variant (see `hpcm-triton info`)")
+            sp.add_argument("--model", default=None, choices=ALL_MODELS, type=str.lower,
+                            help="which variant (see `hpcm-triton info`); default: the checkpoint's own model "
+                                 "(an official state_dict needs --model), else phase3")
         sp.add_argument("--size", default=size_default, choices=("tiny", "full"),
                         help="tiny: small test widths (fast on CPU); full: the official widths")
         device(sp)
@@ -463,8 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", default=None, help="a folder of images (default: the bundled photos)")
     e.add_argument("--max-images", type=int, default=None, help="evaluate at most this many images")
     e.add_argument("--name", default=None, help="the name in results.json (default: the model's)")
-    e.add_argument("--out", default="runs/eval", help="folder for results.json, per_image.json and rd.png")
-    force(e, "results.json, per_image.json and rd.png in --out")
+    e.add_argument("--out", default="runs/eval", help="folder for " + ", ".join(EVALUATE_OUTPUTS))
+    force(e, "the files evaluate writes in --out (" + ", ".join(EVALUATE_OUTPUTS) + ")")
     e.set_defaults(func=cmd_evaluate)
 
     i = add("info", help="variants, parameter counts, RWKV modules; or what a .hpcm file holds",

@@ -218,7 +218,9 @@ def plot_rd(results: dict, path: str | os.PathLike, data_label: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from .outputs import atomic_write
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 
@@ -238,8 +240,8 @@ def evaluate(checkpoints: list | None = None, model_name: str | None = None, siz
     only), ``per_image.json``, ``bd_rate.json`` (against the published anchors and each of
     ``anchor_files``), ``rd.png`` and ``evaluate.log`` (every value left out, and why).
     """
-    from tqdm import tqdm
-
+    from .outputs import atomic_write_bytes
+    from .progress import progress as show_progress
     from .train import load_checkpoint, seeded_model
 
     out_dir = Path(out_dir)
@@ -271,7 +273,7 @@ def evaluate(checkpoints: list | None = None, model_name: str | None = None, siz
                 label = str(ck)
             rows = []
             with _weights_hashed_once(model):
-                for img_name, x in tqdm(imgs, desc=f"eval {Path(label).name if ck else mname}", disable=not progress):
+                for img_name, x in show_progress(imgs, f"eval {Path(label).name if ck else mname}", enabled=progress):
                     rec = evaluate_image(model, mname, x, Path(tmp) / "img.hpcm")
                     if "ms-ssim-rgb" not in rec:
                         log.append(f"{label}: {img_name} ({x.shape[-2]}×{x.shape[-1]}): no MS-SSIM (it needs both "
@@ -307,11 +309,13 @@ def evaluate(checkpoints: list | None = None, model_name: str | None = None, siz
     for label, why in unavailable_anchors().items():
         log.append(f"vs {label}: not computed: {why}")
 
-    (out_dir / "results.json").write_text(json.dumps(out, indent=2, allow_nan=False))
-    (out_dir / "per_image.json").write_text(json.dumps(per_image, indent=2, allow_nan=False))
-    (out_dir / "bd_rate.json").write_text(json.dumps({"test": out["name"], "bd_rate_percent": bd}, indent=2,
-                                                     allow_nan=False))
-    (out_dir / "evaluate.log").write_text("".join(line + "\n" for line in log))
+    def write_json(fname, obj):
+        atomic_write_bytes(out_dir / fname, json.dumps(obj, indent=2, allow_nan=False).encode())
+
+    write_json("results.json", out)
+    write_json("per_image.json", per_image)
+    write_json("bd_rate.json", {"test": out["name"], "bd_rate_percent": bd})
+    atomic_write_bytes(out_dir / "evaluate.log", "".join(line + "\n" for line in log).encode())
     plot_rd(out, out_dir / "rd.png", data_label)
     files = {k: str(out_dir / f) for k, f in (("results", "results.json"), ("per_image", "per_image.json"),
                                               ("bd_rate", "bd_rate.json"), ("log", "evaluate.log"),

@@ -135,6 +135,12 @@ def test_wrong_model_checkpoint(hpcm_file, tmp_path, capsys):
     msg = _main_error(capsys, "decompress", hpcm_file, "-o", out, "--checkpoint", ck)
     assert "phase2" in msg and "phase3" in msg
     assert not out.exists()
+    # compress without --model takes the checkpoint's own model; an explicit other --model is refused
+    enc = tmp_path / "p2.hpcm"
+    assert cli.main(["compress", "chelsea", "-o", str(enc), "--checkpoint", str(ck)]) == 0
+    assert bitstream.read(enc)["model"] == "phase2"
+    assert "not 'phase3'" in _main_error(capsys, "compress", "chelsea", "-o", tmp_path / "x.hpcm",
+                                         "--checkpoint", ck, "--model", "phase3")
     bad_ck = tmp_path / "bad.pt"
     bad_ck.write_bytes(b"not a checkpoint")
     assert "not a readable checkpoint" in _main_error(capsys, "decompress", hpcm_file, "-o", out,
@@ -251,7 +257,7 @@ def test_mistyped_command_directory_and_bad_checkpoint(hpcm_file, tmp_path, caps
     torch.save({"model": "phase3", "config": dict(M=32, N=32, transform_widths=[16, 24, 32], attention_heads=4),
                 "state_dict": {"g_a.nonsense": torch.zeros(1)}}, ck)
     msg = _main_error(capsys, "decompress", hpcm_file, "-o", tmp_path / "o.png", "--checkpoint", ck)
-    assert "not a usable checkpoint" in msg and "broken.pt" in msg
+    assert "state_dict does not fit phase3" in msg and "broken.pt" in msg and "\n" not in msg
     assert "no such checkpoint" in _main_error(capsys, "decompress", hpcm_file, "-o", tmp_path / "o.png",
                                                "--checkpoint", tmp_path / "nope.pt")
     assert not (tmp_path / "o.png").exists()
@@ -278,7 +284,7 @@ def test_help_shows_every_default_and_meaning():
             assert a.help, f"{name} {a.option_strings}: no help"
             if a.default not in (None, False, cli.argparse.SUPPRESS):
                 assert "%(default)" in fmt._get_help_string(a), f"{name} {a.option_strings}: default not shown"
-    assert "(default: phase3)" in " ".join(subs["compress"].format_help().split())
+    assert "else phase3" in " ".join(subs["compress"].format_help().split())
     assert "--force" in subs["compress"].format_help() and "--max-pixels" in subs["decompress"].format_help()
 
 

@@ -16,7 +16,6 @@ import torch
 
 from hpcm_triton import HPCM, HPCM_Phase2, HPCM_Phase3, cli, get_model
 from hpcm_triton import images as im
-from hpcm_triton.models import TINY
 from hpcm_triton.train import load_checkpoint, rd_loss, seeded_model
 from hpcm_triton.training import data as D
 from hpcm_triton.training.loop import Precision, build_model, train
@@ -127,8 +126,8 @@ def test_two_gloo_processes_equal_one(tmp_path, photos):
 
 
 def test_validation_best_and_export(tmp_path, photos):
-    res = train(tmp_path / "v", steps=2, val_every=1, val=str(photos), data=str(photos), checkpoint_every=5,
-                **{k: v for k, v in FAST.items() if k not in ("val_every",)})
+    train(tmp_path / "v", steps=2, val_every=1, val=str(photos), data=str(photos), checkpoint_every=5,
+          **{k: v for k, v in FAST.items() if k not in ("val_every",)})
     vals = [r for r in _lines(tmp_path / "v" / "log.jsonl") if r["event"] == "val"]
     assert [v["step"] for v in vals] == [0, 1, 2] and vals[0]["images"] == 3
     for v in vals:  # real bytes: y and z separately, whole bytes per image
