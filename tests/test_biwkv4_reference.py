@@ -118,4 +118,4 @@ def test_scan_long_sequence_fp32():
     logits = k.double()[0][None] - (d - 1)[..., None] * w.double()
     logits[torch.arange(len(t)), t] = (u.double() + k.double()[0, t])
     want = (torch.softmax(logits, 1) * v.double()[0][None]).sum(1)
-    assert max_rel(y[0, t].double(), want) < 1e-6
+    assert max_rel(y[0, t].double(), want) < 5e-6   # float32 compute
