@@ -106,81 +106,76 @@ def _tree_sum0(x: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_totals(Y: torch.Tensor, dec: torch.Tensor, dist: bool):
-    """Y: (B, N, L, S, C). Returns (tot, totd), each (B, N, 2, S, C) or totd None:
-    tot[:, :, 0] = sum_j dec^(L-1-j) Y_j (the chunk as seen from its last position),
-    tot[:, :, 1] = sum_j dec^j Y_j (as seen from its first), totd the same weighted by the
-    exponent (L-1-j, resp. j). A pairwise tree over j: a fixed order, log2(L) steps."""
-    B, N, L, S, C = Y.shape
-    aL = aR = Y
-    dL = dR = None
-    h = 1
-    dech = dec
-    while aL.shape[2] > 1:
-        a_L, b_L = aL[:, :, 0::2], aL[:, :, 1::2]
-        a_R, b_R = aR[:, :, 0::2], aR[:, :, 1::2]
+    """Y: (L, B, N, S, C) (position-major chunks). Returns (tot, totd), each (B, N, 2, S, C) or
+    totd None: tot[:, :, 0] = sum_j dec^(L-1-j) Y_j (the chunk as seen from its last position),
+    tot[:, :, 1] = sum_j dec^j Y_j (as seen from its first); totd the same weighted by the
+    exponent (L-1-j, resp. j). Horner's rule, one small elementwise op per position."""
+    L = Y.shape[0]
+    aL = Y[0].clone()
+    aR = Y[L - 1].clone()
+    if dist:   # dL, dR hold (distance-weighted sum) / dec
+        dL = torch.zeros_like(aL)
+        dR = torch.zeros_like(aR)
+    for j in range(1, L):
         if dist:
-            if dL is None:
-                nL = a_L * dech
-                nR = b_R * dech
-            else:
-                nL = torch.add(dL[:, :, 0::2], a_L, alpha=h).mul_(dech).add_(dL[:, :, 1::2])
-                nR = torch.add(dR[:, :, 1::2], b_R, alpha=h).mul_(dech).add_(dR[:, :, 0::2])
-            dL, dR = nL, nR
-        aL = torch.addcmul(b_L, a_L, dech)
-        aR = torch.addcmul(a_R, b_R, dech)
-        h *= 2
-        dech = dech * dech
-    tot = torch.stack([aL[:, :, 0], aR[:, :, 0]], 2)
+            torch.addcmul(aL, dL, dec, out=dL)
+            torch.addcmul(aR, dR, dec, out=dR)
+        torch.addcmul(Y[j], aL, dec, out=aL)
+        torch.addcmul(Y[L - 1 - j], aR, dec, out=aR)
+    tot = torch.stack([aL, aR], 2)
     if not dist:
         return tot, None
-    if dL is None:
-        totd = torch.zeros_like(tot)
-    else:
-        totd = torch.stack([dL[:, :, 0], dR[:, :, 0]], 2)
+    totd = torch.stack([dL, dR], 2).mul_(dec)
     return tot, totd
 
 
 def _carries(tot, totd, anc, w, L):
     """Cross-chunk scan in float64.
 
-    tot, totd: (B, N, 2, S, C) from :func:`_chunk_totals` in units e^{anc} (anc: (B, N, C),
-    float64). Returns (Mc, P, Pd): for each chunk n and direction (0: from the left, 1: from
-    the right), the carry P = sum over the tokens outside the chunk on that side of
-    dec^(distance to the chunk's edge token - 1... see below) Y, in units e^{Mc} with
-    Mc: (B, N, 2, C); Pd the same weighted by that exponent (None unless totd is given).
-    Left: P_n = sum_{i < nL} e^{-(nL-1-i) w} Y_i; right: Q_n = sum_{i >= (n+1)L} e^{-(i-(n+1)L) w} Y_i.
-    """
+    tot, totd: (B, N, 2, S, C) from :func:`_chunk_totals`, in units e^{anc} (anc: (B, N, C),
+    float64). For each chunk n and side (0: the tokens left of the chunk, 1: right of it)
+    returns the carry P_n = sum_{i < nL} e^{-(nL-1-i) w} Y_i (left), Q_n = sum_{i >= (n+1)L}
+    e^{-(i-(n+1)L) w} Y_i (right) as (Mc, P): P (B, N, 2, S, C) in units e^{Mc}, Mc (B, N, 2, C);
+    and, when totd is given, Pd: the same sums weighted by the exponent's distance (else None).
+    Each carry has its own anchor Mc_n = max over the chunks n' on its side of anc_n' minus the
+    decay between them (a cummax), so every step multiplies by factors <= 1: no overflow or
+    underflow for any w * T, and the rounding grows with the number of chunks only linearly in
+    float64."""
     B, N, _, S, C = tot.shape
     Lw = w * L                                                       # (C,)
-    # the right carries are the left carries of the reversed chunk order
-    T2 = torch.stack([tot[:, :, 0], tot[:, :, 1].flip(1)], 2)        # (B, N, 2, S, C)
-    A2 = torch.stack([anc, anc.flip(1)], 2)                          # (B, N, 2, C)
-    nLw = torch.arange(N, dtype=torch.float64).view(N, 1, 1) * Lw    # (N, 1, C)
-    cm = torch.cummax(A2 + nLw, 1).values
+    # position-major, and the right side is the left side of the reversed chunk order
+    A2 = torch.stack([anc.transpose(0, 1), anc.flip(1).transpose(0, 1)], 2)   # (N, B, 2, C)
+    nLw = torch.arange(N, dtype=torch.float64).view(N, 1, 1, 1) * Lw
+    cm = torch.cummax(A2 + nLw, 0).values
     Mc = torch.empty_like(A2)
-    Mc[:, 0] = A2[:, 0]
-    Mc[:, 1:] = cm[:, :-1] - nLw[:-1]                                # max_{n'<n} anc_n' - (n-1-n') Lw
-    P = torch.zeros(B, N, 2, S, C, dtype=torch.float64)
-    Pd = torch.zeros_like(P) if totd is not None else None
+    Mc[0] = A2[0]
+    Mc[1:] = cm[:-1] - nLw[:-1]                                      # max_{n'<n} anc_n' - (n-1-n') Lw
+    lev = 1 if totd is None else 2
+    PP = torch.zeros(N, B, lev + (lev - 1), 2, S, C, dtype=torch.float64)
     if N > 1:
-        a = torch.exp(Mc[:, :-1] - Lw - Mc[:, 1:]).unsqueeze(3)      # <= 1
-        b = torch.exp(A2[:, :-1] - Mc[:, 1:]).unsqueeze(3)           # <= 1
-        cT = T2[:, :-1] * b
-        if totd is not None:
-            Td2 = torch.stack([totd[:, :, 0], totd[:, :, 1].flip(1)], 2)
-            cTd = Td2[:, :-1] * b
-            tmp = torch.empty(B, 2, S, C, dtype=torch.float64)
-        for n in range(N - 1):
-            if totd is not None:
-                torch.add(Pd[:, n], P[:, n], alpha=L, out=tmp)
-                torch.addcmul(cTd[:, n], a[:, n], tmp, out=Pd[:, n + 1])
-            torch.addcmul(cT[:, n], a[:, n], P[:, n], out=P[:, n + 1])
-    # back to chunk order for the right direction
-    Mc = torch.stack([Mc[:, :, 0], Mc[:, :, 1].flip(1)], 2)
-    P = torch.stack([P[:, :, 0], P[:, :, 1].flip(1)], 2)
-    if Pd is not None:
-        Pd = torch.stack([Pd[:, :, 0], Pd[:, :, 1].flip(1)], 2)
-    return Mc, P, Pd
+        a = torch.exp(Mc[:-1] - Lw - Mc[1:]).view(N - 1, B, 1, 2, 1, C)     # <= 1
+        b = torch.exp(A2[:-1] - Mc[1:]).view(N - 1, B, 1, 2, 1, C)          # <= 1
+        parts = [tot] if totd is None else [tot, totd]
+        T2 = torch.stack([torch.stack([t[:, :, 0].transpose(0, 1), t[:, :, 1].flip(1).transpose(0, 1)], 2)
+                          for t in parts], 2)                        # (N, B, lev, 2, S, C)
+        c = (T2[:-1] * b).unbind(0)
+        a = a.unbind(0)
+        if totd is None:
+            Pn = PP[:, :, 0].unbind(0)
+            for n in range(N - 1):
+                torch.addcmul(c[n][:, 0], a[n][:, 0], Pn[n], out=Pn[n + 1])
+        else:   # levels (P, Pd, tmp): Pd_{n+1} = a (Pd_n + L P_n) + c, P_{n+1} = a P_n + c
+            P0, P1, P2 = PP[:, :, 0].unbind(0), PP[:, :, 1].unbind(0), PP[:, :, 2].unbind(0)
+            Pe, Pf = PP[:, :, 0::2].unbind(0), PP[:, :, 0:2].unbind(0)
+            for n in range(N - 1):
+                torch.add(P1[n], P0[n], alpha=L, out=P2[n])
+                torch.addcmul(c[n], a[n], Pe[n], out=Pf[n + 1])
+
+    def back(x):   # (N, B, 2, ...) -> (B, N, 2, ...), right side back in chunk order
+        x = x.transpose(0, 1)
+        return torch.stack([x[:, :, 0], x[:, :, 1].flip(1)], 2)
+
+    return back(Mc), back(PP[:, :, 0]), (None if totd is None else back(PP[:, :, 1]))
 
 
 def _to_units(P, Mc, U):
@@ -200,22 +195,23 @@ def _pad_chunks(x: torch.Tensor, N: int, L: int, fill: float) -> torch.Tensor:
 
 def _scan_forward(w, u, k, v):
     """w, u: (C,), k, v: (B, T, C), all in the compute dtype. Returns y (B, T, C) and what the
-    backward needs."""
+    backward needs. Chunked buffers are position-major, (L, B, N, ..., C), so that the
+    per-position steps work on contiguous blocks."""
     B, T, C = k.shape
     cdt = k.dtype
     wmax = float(w.abs().max()) if C else 0.0
     L = _chunk_len(wmax, T)
     N = -(-T // L)
-    k4 = _pad_chunks(k, N, L, -math.inf)
+    k4 = _pad_chunks(k, N, L, -math.inf)                             # (B, N, L, C)
     v4 = _pad_chunks(v, N, L, 0.0)
     dec = torch.exp(-w)
     eu = torch.exp(u)
     m = k4.amax(2) + u.clamp(min=0)                                  # (B, N, C) chunk anchors
-    X = torch.empty(B, N, L, 2, C, dtype=cdt)                        # e^{k-m} * (v, 1)
+    X = torch.empty(L, B, N, 2, C, dtype=cdt)                        # e^{k-m} * (v, 1)
     X1 = X[..., 1, :]
-    torch.sub(k4, m.unsqueeze(2), out=X1)
+    torch.sub(k4.permute(2, 0, 1, 3), m, out=X1)
     X1.exp_()
-    torch.mul(X1, v4, out=X[..., 0, :])
+    torch.mul(X1, v4.permute(2, 0, 1, 3), out=X[..., 0, :])
     tot, _ = _chunk_totals(X, dec, dist=False)
     anc = m.double()
     Mc, P, _ = _carries(tot.double(), None, anc, w.double(), L)
@@ -223,81 +219,103 @@ def _scan_forward(w, u, k, v):
     rescale = excess > _RESCALE[cdt]
     if rescale:   # a carry dwarfs the chunk: work in units of the largest of the three
         U = torch.maximum(anc, Mc.amax(2))
-        s = torch.exp(anc - U).to(cdt).view(B, N, 1, 1, C)
+        s = torch.exp(anc - U).to(cdt).view(B, N, 1, C)
         Xl = X * s
     else:
         U = anc
         s = None
         Xl = X
     seeds = _to_units(P, Mc, U).to(cdt)                              # (B, N, 2, 2, C)
-    S = torch.empty(B, N, L, 2, C, dtype=cdt)
-    S[:, :, 0] = seeds[:, :, 0]
+    S = torch.empty(L, B, N, 2, C, dtype=cdt)
+    S[0] = seeds[:, :, 0]
     for j in range(1, L):
-        torch.addcmul(Xl[:, :, j - 1], S[:, :, j - 1], dec, out=S[:, :, j])
+        torch.addcmul(Xl[j - 1], S[j - 1], dec, out=S[j])
+    # right-hand sums from the other end, finishing each position while it is in cache:
+    # S_j += R_j + e^u X_j, then y_j = num / den
     R = seeds[:, :, 1].contiguous()
-    S[:, :, L - 1] += R
-    for j in range(L - 2, -1, -1):
-        torch.addcmul(Xl[:, :, j + 1], R, dec, out=R)
-        S[:, :, j] += R
-    S.addcmul_(Xl, eu)
+    ybuf = torch.empty(B, N * L, C, dtype=cdt)
+    y4 = ybuf.view(B, N, L, C).permute(2, 0, 1, 3)
+    for j in range(L - 1, -1, -1):
+        if j < L - 1:
+            torch.addcmul(Xl[j + 1], R, dec, out=R)
+        Sj = S[j]
+        Sj += R
+        Sj.addcmul_(Xl[j], eu)
+        torch.div(Sj[..., 0, :], Sj[..., 1, :], out=y4[j])
     den = S[..., 1, :]
-    y4 = torch.div(S[..., 0, :], den)
-    y = y4.view(B, N * L, C)
-    if N * L != T:
-        y = y[:, :T].contiguous()
-    return y, (X, den, y4, m, U if rescale else None, s, L, N)
+    y = ybuf if N * L == T else ybuf[:, :T].contiguous()
+    return y, (X, den, ybuf, m, U if rescale else None, s, L, N)
 
 
 def _scan_backward(w, u, gy, saved):
-    X, den, y4, m, U, s, L, N = saved
-    B, _, _, _, C = X.shape
+    X, den, ybuf, m, U, s, L, N = saved
+    _, B, _, _, C = X.shape
     T = gy.shape[1]
     cdt = X.dtype
     dec = torch.exp(-w)
     eu = torch.exp(u)
-    g4 = _pad_chunks(gy.to(cdt), N, L, 0.0)
-    ZL = torch.empty(B, N, L, 3, 2, C, dtype=cdt)                    # levels: z, left sum, left dist
-    ZR = torch.empty(B, N, L, 3, 2, C, dtype=cdt)                    # levels: z, right sum, right dist
-    Z = ZL[:, :, :, 0]
-    torch.div(g4, den, out=Z[..., 0, :])                             # q in units e^{-U}
-    torch.mul(Z[..., 0, :], y4, out=Z[..., 1, :]).neg_()              # -r
+    g4 = _pad_chunks(gy.to(cdt), N, L, 0.0).permute(2, 0, 1, 3)     # (L, B, N, C)
+    y4 = ybuf.view(B, N, L, C).permute(2, 0, 1, 3)
+    Z = torch.empty(L, B, N, 2, C, dtype=cdt)                        # (q, r) in units e^{-U}
+    torch.div(g4, den, out=Z[..., 0, :])
+    torch.mul(Z[..., 0, :], y4, out=Z[..., 1, :])
     if N * L != T:   # padded tail (gy = 0 there; den may round to anything)
-        Z[:, N - 1, T - (N - 1) * L:] = 0
-    # z is in units e^{-U} (U: the forward's units, in which den is at most polynomially large),
-    # so e^{-U} anchors the backward carries without under- or overestimating them much
+        Z[T - (N - 1) * L:, :, N - 1] = 0
+    # e^{-U} anchors the backward carries (den is at most polynomially large in U units)
     anc = -(m.double() if U is None else U)
     tot, totd = _chunk_totals(Z, dec, dist=True)
     Mc, P, Pd = _carries(tot.double(), totd.double(), anc, w.double(), L)
     if s is not None:   # the local products use X in units e^{m}: bring z to e^{-m}
-        Z.mul_(s.view(B, N, 1, 1, C))
-    ZR[:, :, :, 0] = Z
+        Z.mul_(s)
     mloc = -m.double()
-    seeds = _to_units(P, Mc, mloc).to(cdt)
+    seeds = _to_units(P, Mc, mloc).to(cdt)                           # (B, N, 2, 2, C)
     dseeds = _to_units(Pd, Mc, mloc)
-    if L > 1:   # the distance level holds (distance sum) / dec
+    if L > 1:   # the distance buffers hold (distance-weighted sum) / dec
         dseeds = dseeds * torch.exp(w.double())
     dseeds = dseeds.to(cdt)
-    ZL[:, :, 0, 1] = seeds[:, :, 0]
-    ZL[:, :, 0, 2] = dseeds[:, :, 0]
-    ZR[:, :, L - 1, 1] = seeds[:, :, 1]
-    ZR[:, :, L - 1, 2] = dseeds[:, :, 1]
-    for j in range(L - 1):
-        torch.addcmul(ZL[:, :, j, 0:2], ZL[:, :, j, 1:3], dec, out=ZL[:, :, j + 1, 1:3])
-    for j in range(L - 1, 0, -1):
-        torch.addcmul(ZR[:, :, j, 0:2], ZR[:, :, j, 1:3], dec, out=ZR[:, :, j - 1, 1:3])
-    ZL[:, :, :, 1:3] += ZR[:, :, :, 1:3]
-    F = ZL[:, :, :, 1]
-    F.addcmul_(Z, eu)                                                # (q-scan, -r-scan), diag included
+    # left: E_j = sum_{i<j} dec^(j-1-i) z_i (+ carry), stored; the distance-weighted
+    # D_j = sum_{i<j} (j-1-i) dec^(j-2-i) z_i (+ carry) is only ever dotted with X_j (for gw), so
+    # it stays a per-position state and its dot product is accumulated per (chunk, slot)
     X0, X1 = X[..., 0, :], X[..., 1, :]
-    gk4 = torch.mul(X0, F[..., 0, :])
-    gk4.addcmul_(X1, F[..., 1, :])
-    gv4 = torch.mul(X1, F[..., 0, :])
-    gw = _tree_sum0((X * ZL[:, :, :, 2]).view(-1, C))
+    accw = torch.zeros(B, N, 2, C, dtype=cdt)
+    accu = torch.zeros(B, N, 2, C, dtype=cdt)
+    E = torch.empty(L, B, N, 2, C, dtype=cdt)
+    E[0] = seeds[:, :, 0]
+    DL = dseeds[:, :, 0].contiguous()
+    for j in range(L):
+        accw.addcmul_(X[j], DL)
+        if j < L - 1:
+            torch.addcmul(E[j], DL, dec, out=DL)
+            torch.addcmul(Z[j], E[j], dec, out=E[j + 1])
+    # right: the same from the other end, added in as it goes; each position is then final and
+    # its gradients are formed while it is in cache
+    ER = seeds[:, :, 1].contiguous()
+    DR = dseeds[:, :, 1].contiguous()
+    gkbuf = torch.empty(B, N * L, C, dtype=cdt)
+    gvbuf = torch.empty(B, N * L, C, dtype=cdt)
+    gk4 = gkbuf.view(B, N, L, C).permute(2, 0, 1, 3)
+    gv4 = gvbuf.view(B, N, L, C).permute(2, 0, 1, 3)
+    for j in range(L - 1, -1, -1):
+        if j < L - 1:
+            torch.addcmul(ER, DR, dec, out=DR)
+            torch.addcmul(Z[j + 1], ER, dec, out=ER)
+        Ej, Zj, X1j = E[j], Z[j], X1[j]
+        accw.addcmul_(X[j], DR)
+        accu.addcmul_(X[j], Zj)
+        Ej += ER
+        Ej.addcmul_(Zj, eu)                                          # (q-scan, r-scan) incl. diag
+        F0, F1 = Ej[..., 0, :], Ej[..., 1, :]
+        torch.mul(X1j, F0, out=gv4[j])
+        g = torch.mul(X0[j], F0, out=gk4[j])
+        g.addcmul_(X1j, F1, value=-1)
+    accw = accw[:, :, 0] - accw[:, :, 1]        # (B, N, C): v-slot minus 1-slot, per chunk
+    accu = accu[:, :, 0] - accu[:, :, 1]
+    gw = _tree_sum0(accw.view(-1, C))
     gw = -gw * dec.double() if L > 1 else -gw
-    gu = _tree_sum0((X * Z).view(-1, C)) * eu.double()
-    gk = gk4.view(B, N * L, C)[:, :T]
-    gv = gv4.view(B, N * L, C)[:, :T]
-    return gw, gu, gk, gv
+    gu = _tree_sum0(accu.view(-1, C)) * eu.double()
+    if N * L != T:
+        gkbuf, gvbuf = gkbuf[:, :T], gvbuf[:, :T]
+    return gw, gu, gkbuf, gvbuf
 
 
 class _BiWKV4Scan(torch.autograd.Function):
@@ -306,18 +324,18 @@ class _BiWKV4Scan(torch.autograd.Function):
         cdt = torch.float64 if torch.float64 in (w.dtype, u.dtype, k.dtype, v.dtype) else torch.float32
         wc, uc, kc, vc = (x.detach().to(cdt) for x in (w, u, k, v))
         y, saved = _scan_forward(wc, uc, kc, vc)
-        X, den, y4, m, U, s, L, N = saved
+        X, den, ybuf, m, U, s, L, N = saved
         ctx.meta = (L, N, w.dtype, u.dtype, k.dtype, v.dtype)
         if any(ctx.needs_input_grad):
-            ctx.save_for_backward(wc, uc, X, den, y4, m, U, s)
+            ctx.save_for_backward(wc, uc, X, den, ybuf, m, U, s)
         return y.to(k.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy):
-        wc, uc, X, den, y4, m, U, s = ctx.saved_tensors
+        wc, uc, X, den, ybuf, m, U, s = ctx.saved_tensors
         L, N, wdt, udt, kdt, vdt = ctx.meta
-        gw, gu, gk, gv = _scan_backward(wc, uc, gy, (X, den, y4, m, U, s, L, N))
+        gw, gu, gk, gv = _scan_backward(wc, uc, gy, (X, den, ybuf, m, U, s, L, N))
         return gw.to(wdt), gu.to(udt), gk.to(kdt), gv.to(vdt)
 
 
