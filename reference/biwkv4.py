@@ -84,8 +84,11 @@ _RESCALE = {torch.float32: 40.0, torch.float64: 500.0}   # largest carry excess 
 
 
 def _chunk_len(wmax: float, T: int) -> int:
+    """Largest power of two L <= min(_LMAX, sqrt(T)) with L * wmax <= _BUDGET (at least 1).
+    About sqrt(T): the per-position steps (L of them) and the carry steps (T / L) are Python-level
+    loops of small ops, so short sequences get short chunks."""
     L = 1
-    while L < _LMAX and L < T and 2 * L * wmax <= _BUDGET:
+    while 2 * L <= _LMAX and 4 * L * L <= T and 2 * L * wmax <= _BUDGET:
         L *= 2
     return L
 

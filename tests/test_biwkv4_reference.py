@@ -216,10 +216,11 @@ def _fwd_bwd(ins, gy):
 def test_bitwise_identical_across_thread_counts_and_runs(dtype):
     """Encoder and decoder may run with different torch.set_num_threads: y and all gradients
     are bitwise identical for 1, 2 and 3 threads, and from run to run. Sizes large enough that
-    every full-size op is split across threads."""
-    w, u, k, v = make_inputs(2, 700, 96, 8.0, k_scale=6.0, seed=21)
+    every op, also the per-position steps over all chunks (B * N * 2 * C > 32768, ATen's grain
+    size), is split across threads; T is not a multiple of the chunk."""
+    w, u, k, v = make_inputs(2, 2085, 320, 8.0, k_scale=6.0, seed=21)
     ins = [x.to(dtype) for x in (w, u, k, v)]
-    gy = torch.randn(2, 700, 96, generator=torch.Generator().manual_seed(5), dtype=dtype)
+    gy = torch.randn(2, 2085, 320, generator=torch.Generator().manual_seed(5), dtype=dtype)
     before = torch.get_num_threads()
     try:
         outs = {}
