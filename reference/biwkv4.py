@@ -187,6 +187,23 @@ def _to_units(P, Mc, U):
     return P * h * h
 
 
+class _one_thread:
+    """Run the per-position loops on one intra-op thread, then restore the count. They are
+    hundreds of small ops, each just above ATen's grain size: split across threads each one pays
+    a fork/join, which on a loaded machine (an OpenMP thread waiting for a busy core) costs far
+    more than the op. The results do not depend on it (every op is elementwise)."""
+
+    def __enter__(self):
+        self.n = torch.get_num_threads()
+        if self.n > 1:
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        if self.n > 1:
+            torch.set_num_threads(self.n)
+        return False
+
+
 def _pad_chunks(x: torch.Tensor, N: int, L: int, fill: float) -> torch.Tensor:
     B, T, C = x.shape
     if N * L == T:
@@ -215,36 +232,37 @@ def _scan_forward(w, u, k, v):
     torch.sub(k4.permute(2, 0, 1, 3), m, out=X1)
     X1.exp_()
     torch.mul(X1, v4.permute(2, 0, 1, 3), out=X[..., 0, :])
-    tot, _ = _chunk_totals(X, dec, dist=False)
-    anc = m.double()
-    Mc, P, _ = _carries(tot.double(), None, anc, w.double(), L)
-    excess = float((Mc - anc.unsqueeze(2)).max())
-    rescale = excess > _RESCALE[cdt]
-    if rescale:   # a carry dwarfs the chunk: work in units of the largest of the three
-        U = torch.maximum(anc, Mc.amax(2))
-        s = torch.exp(anc - U).to(cdt).view(B, N, 1, C)
-        Xl = X * s
-    else:
-        U = anc
-        s = None
-        Xl = X
-    seeds = _to_units(P, Mc, U).to(cdt)                              # (B, N, 2, 2, C)
-    S = torch.empty(L, B, N, 2, C, dtype=cdt)
-    S[0] = seeds[:, :, 0]
-    for j in range(1, L):
-        torch.addcmul(Xl[j - 1], S[j - 1], dec, out=S[j])
-    # right-hand sums from the other end, finishing each position while it is in cache:
-    # S_j += R_j + e^u X_j, then y_j = num / den
-    R = seeds[:, :, 1].contiguous()
-    ybuf = torch.empty(B, N * L, C, dtype=cdt)
-    y4 = ybuf.view(B, N, L, C).permute(2, 0, 1, 3)
-    for j in range(L - 1, -1, -1):
-        if j < L - 1:
-            torch.addcmul(Xl[j + 1], R, dec, out=R)
-        Sj = S[j]
-        Sj += R
-        Sj.addcmul_(Xl[j], eu)
-        torch.div(Sj[..., 0, :], Sj[..., 1, :], out=y4[j])
+    with _one_thread():
+        tot, _ = _chunk_totals(X, dec, dist=False)
+        anc = m.double()
+        Mc, P, _ = _carries(tot.double(), None, anc, w.double(), L)
+        excess = float((Mc - anc.unsqueeze(2)).max())
+        rescale = excess > _RESCALE[cdt]
+        if rescale:   # a carry dwarfs the chunk: work in units of the largest of the three
+            U = torch.maximum(anc, Mc.amax(2))
+            s = torch.exp(anc - U).to(cdt).view(B, N, 1, C)
+            Xl = X * s
+        else:
+            U = anc
+            s = None
+            Xl = X
+        seeds = _to_units(P, Mc, U).to(cdt)                              # (B, N, 2, 2, C)
+        S = torch.empty(L, B, N, 2, C, dtype=cdt)
+        S[0] = seeds[:, :, 0]
+        for j in range(1, L):
+            torch.addcmul(Xl[j - 1], S[j - 1], dec, out=S[j])
+        # right-hand sums from the other end, finishing each position while it is in cache:
+        # S_j += R_j + e^u X_j, then y_j = num / den
+        R = seeds[:, :, 1].contiguous()
+        ybuf = torch.empty(B, N * L, C, dtype=cdt)
+        y4 = ybuf.view(B, N, L, C).permute(2, 0, 1, 3)
+        for j in range(L - 1, -1, -1):
+            if j < L - 1:
+                torch.addcmul(Xl[j + 1], R, dec, out=R)
+            Sj = S[j]
+            Sj += R
+            Sj.addcmul_(Xl[j], eu)
+            torch.div(Sj[..., 0, :], Sj[..., 1, :], out=y4[j])
     den = S[..., 1, :]
     y = ybuf if N * L == T else ybuf[:, :T].contiguous()
     return y, (X, den, ybuf, m, U if rescale else None, s, L, N)
@@ -266,51 +284,52 @@ def _scan_backward(w, u, gy, saved):
         Z[T - (N - 1) * L:, :, N - 1] = 0
     # e^{-U} anchors the backward carries (den is at most polynomially large in U units)
     anc = -(m.double() if U is None else U)
-    tot, totd = _chunk_totals(Z, dec, dist=True)
-    Mc, P, Pd = _carries(tot.double(), totd.double(), anc, w.double(), L)
-    if s is not None:   # the local products use X in units e^{m}: bring z to e^{-m}
-        Z.mul_(s)
-    mloc = -m.double()
-    seeds = _to_units(P, Mc, mloc).to(cdt)                           # (B, N, 2, 2, C)
-    dseeds = _to_units(Pd, Mc, mloc)
-    if L > 1:   # the distance buffers hold (distance-weighted sum) / dec
-        dseeds = dseeds * torch.exp(w.double())
-    dseeds = dseeds.to(cdt)
-    # left: E_j = sum_{i<j} dec^(j-1-i) z_i (+ carry), stored; the distance-weighted
-    # D_j = sum_{i<j} (j-1-i) dec^(j-2-i) z_i (+ carry) is only ever dotted with X_j (for gw), so
-    # it stays a per-position state and its dot product is accumulated per (chunk, slot)
-    X0, X1 = X[..., 0, :], X[..., 1, :]
-    accw = torch.zeros(B, N, 2, C, dtype=cdt)
-    accu = torch.zeros(B, N, 2, C, dtype=cdt)
-    E = torch.empty(L, B, N, 2, C, dtype=cdt)
-    E[0] = seeds[:, :, 0]
-    DL = dseeds[:, :, 0].contiguous()
-    for j in range(L):
-        accw.addcmul_(X[j], DL)
-        if j < L - 1:
-            torch.addcmul(E[j], DL, dec, out=DL)
-            torch.addcmul(Z[j], E[j], dec, out=E[j + 1])
-    # right: the same from the other end, added in as it goes; each position is then final and
-    # its gradients are formed while it is in cache
-    ER = seeds[:, :, 1].contiguous()
-    DR = dseeds[:, :, 1].contiguous()
-    gkbuf = torch.empty(B, N * L, C, dtype=cdt)
-    gvbuf = torch.empty(B, N * L, C, dtype=cdt)
-    gk4 = gkbuf.view(B, N, L, C).permute(2, 0, 1, 3)
-    gv4 = gvbuf.view(B, N, L, C).permute(2, 0, 1, 3)
-    for j in range(L - 1, -1, -1):
-        if j < L - 1:
-            torch.addcmul(ER, DR, dec, out=DR)
-            torch.addcmul(Z[j + 1], ER, dec, out=ER)
-        Ej, Zj, X1j = E[j], Z[j], X1[j]
-        accw.addcmul_(X[j], DR)
-        accu.addcmul_(X[j], Zj)
-        Ej += ER
-        Ej.addcmul_(Zj, eu)                                          # (q-scan, r-scan) incl. diag
-        F0, F1 = Ej[..., 0, :], Ej[..., 1, :]
-        torch.mul(X1j, F0, out=gv4[j])
-        g = torch.mul(X0[j], F0, out=gk4[j])
-        g.addcmul_(X1j, F1, value=-1)
+    with _one_thread():
+        tot, totd = _chunk_totals(Z, dec, dist=True)
+        Mc, P, Pd = _carries(tot.double(), totd.double(), anc, w.double(), L)
+        if s is not None:   # the local products use X in units e^{m}: bring z to e^{-m}
+            Z.mul_(s)
+        mloc = -m.double()
+        seeds = _to_units(P, Mc, mloc).to(cdt)                           # (B, N, 2, 2, C)
+        dseeds = _to_units(Pd, Mc, mloc)
+        if L > 1:   # the distance buffers hold (distance-weighted sum) / dec
+            dseeds = dseeds * torch.exp(w.double())
+        dseeds = dseeds.to(cdt)
+        # left: E_j = sum_{i<j} dec^(j-1-i) z_i (+ carry), stored; the distance-weighted
+        # D_j = sum_{i<j} (j-1-i) dec^(j-2-i) z_i (+ carry) is only ever dotted with X_j (for gw), so
+        # it stays a per-position state and its dot product is accumulated per (chunk, slot)
+        X0, X1 = X[..., 0, :], X[..., 1, :]
+        accw = torch.zeros(B, N, 2, C, dtype=cdt)
+        accu = torch.zeros(B, N, 2, C, dtype=cdt)
+        E = torch.empty(L, B, N, 2, C, dtype=cdt)
+        E[0] = seeds[:, :, 0]
+        DL = dseeds[:, :, 0].contiguous()
+        for j in range(L):
+            accw.addcmul_(X[j], DL)
+            if j < L - 1:
+                torch.addcmul(E[j], DL, dec, out=DL)
+                torch.addcmul(Z[j], E[j], dec, out=E[j + 1])
+        # right: the same from the other end, added in as it goes; each position is then final and
+        # its gradients are formed while it is in cache
+        ER = seeds[:, :, 1].contiguous()
+        DR = dseeds[:, :, 1].contiguous()
+        gkbuf = torch.empty(B, N * L, C, dtype=cdt)
+        gvbuf = torch.empty(B, N * L, C, dtype=cdt)
+        gk4 = gkbuf.view(B, N, L, C).permute(2, 0, 1, 3)
+        gv4 = gvbuf.view(B, N, L, C).permute(2, 0, 1, 3)
+        for j in range(L - 1, -1, -1):
+            if j < L - 1:
+                torch.addcmul(ER, DR, dec, out=DR)
+                torch.addcmul(Z[j + 1], ER, dec, out=ER)
+            Ej, Zj, X1j = E[j], Z[j], X1[j]
+            accw.addcmul_(X[j], DR)
+            accu.addcmul_(X[j], Zj)
+            Ej += ER
+            Ej.addcmul_(Zj, eu)                                          # (q-scan, r-scan) incl. diag
+            F0, F1 = Ej[..., 0, :], Ej[..., 1, :]
+            torch.mul(X1j, F0, out=gv4[j])
+            g = torch.mul(X0[j], F0, out=gk4[j])
+            g.addcmul_(X1j, F1, value=-1)
     accw = accw[:, :, 0] - accw[:, :, 1]        # (B, N, C): v-slot minus 1-slot, per chunk
     accu = accu[:, :, 0] - accu[:, :, 1]
     gw = _tree_sum0(accw.view(-1, C))
