@@ -227,6 +227,7 @@ def test_bitwise_identical_across_thread_counts_and_runs(dtype):
         for nt in (1, 2, 3):
             torch.set_num_threads(nt)
             outs[nt] = _fwd_bwd(ins, gy)
+            assert torch.get_num_threads() == nt     # the thread count is restored
         again = _fwd_bwd(ins, gy)
     finally:
         torch.set_num_threads(before)
