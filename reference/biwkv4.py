@@ -11,12 +11,14 @@ Shapes: ``w, u: (C,)``, ``k, v: (B, T, C)`` -> ``y: (B, T, C)``.
 Two implementations:
 
 * :func:`biwkv4_naive` -- the O(T^2) softmax form, computed literally (the ground truth).
-* :func:`biwkv4_scan` -- the O(T) form with two exclusive decayed scans (left and right),
-  kept in log space as (offset, mantissa) pairs, vectorised over B, C and over chunks of T.
-  It is differentiable by plain autograd and is the CPU execution path of the models.
+* :func:`biwkv4_scan` -- the O(T) form with two exclusive decayed scans (left and right, each
+  its own scan), chunked, with an analytic backward (an autograd Function). It is the CPU
+  execution path of the models: float32 compute (float64 for float64 inputs) with the
+  cross-chunk carries in float64, so its accuracy does not degrade with T; bitwise identical
+  results for any number of threads.
 
-Both compute in float64 internally (``biwkv4_naive`` in float32 for 16/32-bit inputs) and
-return the input dtype.
+``biwkv4_naive`` computes in float64 for float64 input, else float32; both return the input
+dtype (``biwkv4_scan``: k's dtype).
 """
 from __future__ import annotations
 
