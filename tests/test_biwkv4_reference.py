@@ -118,4 +118,156 @@ def test_scan_long_sequence_fp32():
     logits = k.double()[0][None] - (d - 1)[..., None] * w.double()
     logits[torch.arange(len(t)), t] = (u.double() + k.double()[0, t])
     want = (torch.softmax(logits, 1) * v.double()[0][None]).sum(1)
-    assert max_rel(y[0, t].double(), want) < 1e-6
+    assert max_rel(y[0, t].double(), want) < 5e-6   # float32 compute
+
+
+# ---------------------------------------------------------------------------------------------
+# The float32 CPU path: accuracy that does not depend on T, determinism, autograd plumbing
+# ---------------------------------------------------------------------------------------------
+
+def rel_rms(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def recurrence_fp64(w, u, k, v):
+    """Independent float64 O(T) reference for moderate inputs (|k| <= ~80, |w| * T <= ~50):
+    linear-space prefix sums of e^{k_i + i w} (left) and of the reversed sequence (right),
+    each its own cumulative sum (no subtraction)."""
+    w, u, k, v = (x.double() for x in (w, u, k, v))
+    B, T, C = k.shape
+    i = torch.arange(T, dtype=torch.float64).view(T, 1)
+
+    def excl_left(kk, vv):     # sum_{j<t} e^{k_j - (t-1-j) w} (v_j, 1)
+        e = torch.exp(kk + i * w)
+        num = torch.cumsum(e * vv, 1)
+        den = torch.cumsum(e, 1)
+        sh = torch.exp(-(i - 1) * w)[1:]
+        z = torch.zeros(B, 1, C, dtype=torch.float64)
+        return torch.cat([z, num[:, :-1] * sh], 1), torch.cat([z, den[:, :-1] * sh], 1)
+
+    nl, dl = excl_left(k, v)
+    nr, dr = excl_left(k.flip(1), v.flip(1))
+    ed = torch.exp(u + k)
+    return (nl + nr.flip(1) + ed * v) / (dl + dr.flip(1) + ed)
+
+
+def hpcm_like(B, T, C, k_std, seed, k_max=None):
+    """Decay ramp w*T in 0..8 (the model passes decay/T), boost/T, k ~ N(0, k_std)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.linspace(0, 8, C, dtype=torch.float64) / T
+    u = torch.randn(C, generator=g, dtype=torch.float64) / T
+    k = torch.randn(B, T, C, generator=g, dtype=torch.float64) * k_std
+    if k_max is not None:   # push some tokens to the extremes
+        k[:, ::97] = k_max
+        k[:, 31::89] = -k_max
+    v = torch.randn(B, T, C, generator=g, dtype=torch.float64)
+    return w, u, k, v
+
+
+FP32_CASES = [(34560, 1.0, None), (34560, 5.0, None), (4096, 3.0, None), (4096, 5.0, 60.0),
+              (34560, 2.0, 60.0)]
+
+
+@pytest.mark.parametrize("T,k_std,k_max", FP32_CASES)
+def test_fp32_accuracy_long_T(T, k_std, k_max):
+    """y and the four gradients in float32 within relative RMS 1e-5 (gw 1e-4) of float64, at
+    the 4K-frame length T = 34560 and at T = 4096; y also against an independent float64
+    recurrence."""
+    w, u, k, v = hpcm_like(1, T, 6, k_std, seed=T + int(k_std), k_max=k_max)
+    gy = torch.randn(1, T, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    res = {}
+    for dt in (torch.float32, torch.float64):
+        ins = [x.to(dt).requires_grad_() for x in (w, u, k, v)]
+        y = biwkv4_scan(*ins)
+        assert y.dtype == dt
+        res[dt] = [y] + list(torch.autograd.grad(y, ins, gy.to(dt)))
+    y64 = res[torch.float64][0]
+    assert rel_rms(y64, recurrence_fp64(w, u, k, v)) < 1e-12
+    for name, a, b in zip(["y", "gw", "gu", "gk", "gv"], res[torch.float32], res[torch.float64]):
+        assert torch.isfinite(a).all(), name
+        assert rel_rms(a, b) < (1e-4 if name == "gw" else 1e-5), (name, rel_rms(a, b))
+
+
+@pytest.mark.parametrize("w_scale", [1000.0, -1000.0, 3.0])
+def test_fp32_extremes_match_fp64(w_scale):
+    """w*T = +-1e3 and |k| = 60 in float32: finite, and y, gk, gv close to float64."""
+    w, u, k, v = make_inputs(2, 300, 4, abs(w_scale), k_scale=60.0, seed=int(w_scale) % 97)
+    w = w.abs() * (1 if w_scale > 0 else -1)
+    gy = torch.randn(2, 300, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    out = {}
+    for dt in (torch.float32, torch.float64):
+        ins = [x.to(dt).requires_grad_() for x in (w, u, k, v)]
+        y = biwkv4_scan(*ins)
+        out[dt] = [y] + list(torch.autograd.grad(y, ins, gy.to(dt)))
+        assert all(torch.isfinite(t).all() for t in out[dt])
+    assert max_rel(out[torch.float64][0], biwkv4_naive(w, u, k, v)) < 1e-10
+    for name, a, b in zip(["y", "gw", "gu", "gk", "gv"], out[torch.float32], out[torch.float64]):
+        if name in ("y", "gk", "gv"):
+            assert rel_rms(a, b) < 1e-5, (name, rel_rms(a, b))
+
+
+def _fwd_bwd(ins, gy):
+    ins = [x.detach().clone().requires_grad_() for x in ins]
+    y = biwkv4_scan(*ins)
+    return [y] + list(torch.autograd.grad(y, ins, gy))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bitwise_identical_across_thread_counts_and_runs(dtype):
+    """Encoder and decoder may run with different torch.set_num_threads: y and all gradients
+    are bitwise identical for 1, 2 and 3 threads, and from run to run. Sizes large enough that
+    every op, also the per-position steps over all chunks (B * N * 2 * C > 32768, ATen's grain
+    size), is split across threads; T is not a multiple of the chunk."""
+    w, u, k, v = make_inputs(2, 2085, 320, 8.0, k_scale=6.0, seed=21)
+    ins = [x.to(dtype) for x in (w, u, k, v)]
+    gy = torch.randn(2, 2085, 320, generator=torch.Generator().manual_seed(5), dtype=dtype)
+    before = torch.get_num_threads()
+    try:
+        outs = {}
+        for nt in (1, 2, 3):
+            torch.set_num_threads(nt)
+            outs[nt] = _fwd_bwd(ins, gy)
+            assert torch.get_num_threads() == nt     # the thread count is restored
+        again = _fwd_bwd(ins, gy)
+    finally:
+        torch.set_num_threads(before)
+    for nt in (2, 3):
+        for name, a, b in zip(["y", "gw", "gu", "gk", "gv"], outs[1], outs[nt]):
+            assert torch.equal(a, b), (nt, name)
+    for name, a, b in zip(["y", "gw", "gu", "gk", "gv"], outs[before if before in outs else 1], again):
+        assert torch.equal(a, b), name
+
+
+def test_checkpointing_gives_identical_gradients():
+    """The models wrap RWKV modules in torch.utils.checkpoint (non-reentrant)."""
+    from torch.utils.checkpoint import checkpoint
+    w, u, k, v = make_inputs(2, 130, 8, 5.0, k_scale=3.0, dtype=torch.float32, seed=8)
+    proj = torch.randn(8, 8, generator=torch.Generator().manual_seed(9))
+
+    def f(w, u, k, v):
+        return biwkv4_scan(w, u, k @ proj, v).square()
+
+    grads = []
+    for ck in (False, True):
+        ins = [x.clone().requires_grad_() for x in (w, u, k, v)]
+        out = checkpoint(f, *ins, use_reentrant=False) if ck else f(*ins)
+        out.sum().backward()
+        grads.append([x.grad for x in ins])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("B,T,C", [(1, 1, 1), (3, 2, 1), (1, 5, 2), (2, 65, 3)])
+def test_small_and_odd_shapes_fp32(B, T, C):
+    """Any B, T >= 1, C >= 1 (T not a multiple of the chunk): float32 against float64 naive."""
+    w, u, k, v = make_inputs(B, T, C, 4.0, k_scale=8.0, seed=B + T + C)
+    ins = [x.float().requires_grad_() for x in (w, u, k, v)]
+    y = biwkv4_scan(*ins)
+    gy = torch.randn(B, T, C, generator=torch.Generator().manual_seed(3))
+    g = torch.autograd.grad(y, ins, gy)
+    ins64 = [x.detach().double().requires_grad_() for x in ins]
+    y64 = biwkv4_naive(*ins64)
+    g64 = torch.autograd.grad(y64, ins64, gy.double())
+    assert max_rel(y.double(), y64) < 1e-5
+    for name, a, b in zip("wukv", g, g64):
+        assert (a.double() - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item()), name
