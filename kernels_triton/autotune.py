@@ -33,7 +33,7 @@ if not torch.cuda.is_available():
 
 from reference import biwkv4_naive  # noqa: E402
 
-from .biwkv4 import DEFAULT_TUNE_PATH, biwkv4, device_name  # noqa: E402
+from .ops import DEFAULT_TUNE_PATH, biwkv4, device_name  # noqa: E402
 
 _DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 

@@ -145,30 +145,39 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
+# heuristic: aim for PROGRAMS_PER_SM programs of HEUR_BLOCK_C channels; chunks are powers of
+# two of at least MIN_CHUNK tokens; T <= MIN_CHUNK is always one chunk
+PROGRAMS_PER_SM = 8
+HEUR_BLOCK_C = 32
+MIN_CHUNK = 64
+
+
 def choose_strategy(B: int, T: int, C: int, dtype: torch.dtype, device: torch.device,
                     tune_path: Path | None = None, n_sm: int | None = None):
     """Return (strategy, chunk) for a shape; see the module docstring. ``n_sm`` overrides
-    the device's SM count (1 for the interpreter)."""
-    data = _load_tune(Path(tune_path) if tune_path else DEFAULT_TUNE_PATH)
-    if data:
-        name = device_name(device)
-        best, best_d = None, math.inf
-        for e in data.get("entries", []):
-            if e.get("device") != name or e.get("C") != C or e.get("dtype") != str(dtype):
-                continue
-            d = abs(math.log(e["T"] / T)) + abs(math.log(e["B"] / B))
-            if d < best_d:
-                best, best_d = e, d
-        if best is not None and best_d < 1.0:
-            return best["strategy"], int(best.get("chunk") or T)
+    the device's SM count (1 for the interpreter). Under :func:`shape_only_selection` the
+    autotune JSON is not read."""
+    if not _SHAPE_ONLY:
+        data = _load_tune(Path(tune_path) if tune_path else DEFAULT_TUNE_PATH)
+        if data:
+            name = device_name(device)
+            best, best_d = None, math.inf
+            for e in data.get("entries", []):
+                if e.get("device") != name or e.get("C") != C or e.get("dtype") != str(dtype):
+                    continue
+                d = abs(math.log(e["T"] / T)) + abs(math.log(e["B"] / B))
+                if d < best_d:
+                    best, best_d = e, d
+            if best is not None and best_d < 1.0:
+                return best["strategy"], int(best.get("chunk") or T)
     n_sm = n_sm or _num_sms(device)
-    seq_programs = B * -(-C // 64)
-    if T <= 128 or seq_programs >= n_sm:
-        return "sequential", T
-    target = max(1, (T * seq_programs) // (4 * n_sm))
-    chunk = 32
-    while chunk * 2 <= min(target, 1024):
+    # tokens per program that give PROGRAMS_PER_SM * n_sm programs: non-decreasing in B and T
+    per_prog = (B * -(-C // HEUR_BLOCK_C) * T) // (PROGRAMS_PER_SM * n_sm)
+    chunk = MIN_CHUNK
+    while chunk * 2 <= per_prog:
         chunk *= 2
+    if chunk >= T:
+        return "sequential", T
     return "chunked", chunk
 
 
@@ -177,52 +186,121 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _forward(w, u, k, v, strategy, chunk):
+def _tl_acc(dtype):
+    import triton.language as tl
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _launch(name, grid, *args, **kw):
+    """Launch kernel ``name``: through triton.autotune normally; under shape_only_selection
+    (or ``_FIXED``) with the fixed first config of its list, no timing involved."""
     kk = _kernels()
+    kern = kk.KERNELS[name]
+    if _SHAPE_ONLY or _FIXED or _OVERRIDE:
+        cfg = kk.CONFIGS[name][0]
+        meta = dict(cfg.kwargs)
+        meta.update({key: val for key, val in _OVERRIDE.items() if key in meta})
+        kern.fn[lambda _m: grid(meta)](*args, **kw, **meta, num_warps=cfg.num_warps,
+                                        num_stages=cfg.num_stages)
+    else:
+        kern[grid](*args, **kw)
+
+
+_FIXED = False
+_OVERRIDE: dict = {}
+
+
+@contextlib.contextmanager
+def tile_config(**meta):
+    """Test/benchmark hook: launch every kernel with its fixed config, with the given
+    meta-parameters (BT, BLOCK_C, NB) replacing the config's where the kernel has them."""
+    global _OVERRIDE
+    if "BT" in meta and meta["BT"] < _kernels().BT_MIN:
+        raise ValueError(f"BT must be >= {_kernels().BT_MIN}")
+    old, _OVERRIDE = _OVERRIDE, dict(meta)
+    try:
+        yield
+    finally:
+        _OVERRIDE = old
+
+
+@contextlib.contextmanager
+def fixed_configs(enabled: bool = True):
+    """Launch every kernel with its fixed config (the one shape_only_selection uses) while
+    keeping the strategy/JSON logic: for tests and for comparing against autotuned runs."""
+    global _FIXED
+    old, _FIXED = _FIXED, enabled
+    try:
+        yield
+    finally:
+        _FIXED = old
+
+
+def _plan(T, strategy, chunk):
+    if strategy == "sequential":
+        return T, 1
+    chunk = max(1, min(int(chunk), T))
+    return chunk, -(-T // chunk)
+
+
+def _scratch_slots(chunk):
+    return -(-chunk // _kernels().BT_MIN)
+
+
+def _forward(w, u, k, v, strategy, chunk, need_ld):
+    """y (in k's dtype) and, if need_ld, the float32/64 log-denominator."""
     B, T, C = k.shape
     acc = _acc_dtype(k.dtype)
+    ACC = _tl_acc(k.dtype)
     dev = k.device
-    y = _alloc((B, T, C), acc, dev)
-    logd = _alloc((B, T, C), acc, dev)
-    if strategy == "sequential":
-        chunk, NT = T, 1
+    chunk, NT = _plan(T, strategy, chunk)
+    y = _alloc((B, T, C), k.dtype, dev)
+    logd = _alloc((B, T, C), acc, dev) if need_ld else _alloc((1,), acc, dev)
+    SPC = _scratch_slots(chunk)
+    if SPC > 1:
+        sc = _alloc((3, B, NT * SPC, C), torch.float64, dev)
     else:
-        chunk = max(1, int(chunk))
-        NT = -(-T // chunk)
+        sc = _alloc((1,), torch.float64, dev)
     if NT > 1:
-        s = _alloc((2, 3, B, NT, C), acc, dev)
-        c = _alloc((2, 3, B, NT, C), acc, dev)
-        kk.biwkv4_fwd_summary_kernel[lambda m: (B, triton_cdiv(C, m["BLOCK_C"]), NT)](
-            k, v, w, s, B, T, C, NT, chunk)
-        kk.biwkv4_fwd_carry_kernel[lambda m: (B, triton_cdiv(C, m["BLOCK_C"]))](
-            w, s, c, B, T, C, NT, chunk)
+        s = _alloc((6, B, NT, C), torch.float64, dev)
+        c = _alloc((6, B, NT, C), torch.float64, dev)
+        _launch("fwd_summary", lambda m: (B, triton_cdiv(C, m["BLOCK_C"]), NT),
+                k, v, w, s, B, T, C, NT, chunk, ACC=ACC)
+        _launch("fwd_carry", lambda m: (B, triton_cdiv(C, m["BLOCK_C"])),
+                w, s, c, B, T, C, NT, chunk)
     else:
-        c = y  # unused placeholder of the right dtype
-    kk.biwkv4_fwd_kernel[lambda m: (B, triton_cdiv(C, m["BLOCK_C"]), NT)](
-        k, v, w, u, y, logd, c, B, T, C, NT, chunk, HAS_CARRY=NT > 1)
-    return y, logd, chunk, NT
+        c = sc  # unused placeholder
+    _launch("fwd", lambda m: (B, triton_cdiv(C, m["BLOCK_C"]), NT),
+            k, v, w, u, y, logd, c, sc, B, T, C, NT, chunk, SPC, HAS_CARRY=NT > 1,
+            STORE_LD=need_ld, ACC=ACC)
+    return y, (logd if need_ld else None), chunk, NT
 
 
 def _backward(w, u, k, v, y, logd, gy, chunk, NT):
-    kk = _kernels()
     B, T, C = k.shape
-    acc = y.dtype
+    ACC = _tl_acc(k.dtype)
     dev = k.device
-    gk = _alloc((B, T, C), acc, dev)
-    gv = _alloc((B, T, C), acc, dev)
-    gwp = _alloc((B, NT, C), acc, dev)
-    gup = _alloc((B, NT, C), acc, dev)
-    if NT > 1:
-        s = _alloc((2, 8, B, NT, C), acc, dev)
-        c = _alloc((2, 8, B, NT, C), acc, dev)
-        kk.biwkv4_bwd_summary_kernel[lambda m: (B, triton_cdiv(C, m["BLOCK_C"]), NT)](
-            k, v, w, y, logd, gy, s, B, T, C, NT, chunk)
-        kk.biwkv4_bwd_carry_kernel[lambda m: (B, triton_cdiv(C, m["BLOCK_C"]))](
-            w, s, c, B, T, C, NT, chunk)
+    gk = _alloc((B, T, C), k.dtype, dev)
+    gv = _alloc((B, T, C), v.dtype, dev)
+    gwp = _alloc((B, NT, C), torch.float64, dev)   # float64 partial sums of gw, gu
+    gup = _alloc((B, NT, C), torch.float64, dev)
+    SPC = _scratch_slots(chunk)
+    if SPC > 1:
+        sc = _alloc((8, B, NT * SPC, C), torch.float64, dev)
     else:
-        c = y
-    kk.biwkv4_bwd_kernel[lambda m: (B, triton_cdiv(C, m["BLOCK_C"]), NT)](
-        k, v, w, u, y, logd, gy, gk, gv, gwp, gup, c, B, T, C, NT, chunk, HAS_CARRY=NT > 1)
+        sc = _alloc((1,), torch.float64, dev)
+    if NT > 1:
+        s = _alloc((16, B, NT, C), torch.float64, dev)
+        c = _alloc((16, B, NT, C), torch.float64, dev)
+        _launch("bwd_summary", lambda m: (B, triton_cdiv(C, m["BLOCK_C"]), NT),
+                k, v, w, u, y, logd, gy, s, B, T, C, NT, chunk, ACC=ACC)
+        _launch("bwd_carry", lambda m: (B, triton_cdiv(C, m["BLOCK_C"])),
+                w, s, c, B, T, C, NT, chunk)
+    else:
+        c = sc
+    _launch("bwd", lambda m: (B, triton_cdiv(C, m["BLOCK_C"]), NT),
+            k, v, w, u, y, logd, gy, gk, gv, gwp, gup, c, sc, B, T, C, NT, chunk, SPC,
+            HAS_CARRY=NT > 1, ACC=ACC)
     # deterministic reductions over batch and chunks (no atomics)
     return gwp.sum(dim=(0, 1)), gup.sum(dim=(0, 1)), gk, gv
 
@@ -231,15 +309,51 @@ def triton_cdiv(a, b):
     return -(-a // b)
 
 
+def traffic(B: int, T: int, C: int, dtype: torch.dtype, strategy: str, chunk: int,
+            backward: bool = False, bt: int = 64) -> dict:
+    """DRAM bytes per (b, t, c) element and kernel launches of one call, counted from the
+    kernels' loads and stores (shifted-row loads hit cache and are not counted; float64
+    carries, summaries and scratch are). ``backward``: forward with the log-denominator
+    stored, plus the backward."""
+    e = torch.empty((), dtype=dtype).element_size()
+    a = 8 if dtype == torch.float64 else 4
+    chunk, NT = _plan(T, strategy, chunk)
+    n = B * T * C
+    tiles = B * C * NT * -(-chunk // bt)          # tile slots (approximately)
+    planes = B * C * NT
+    fwd = 2 * e * n + 2 * e * n + e * n           # pass 1 reads k, v; pass 2 reads k, v, writes y
+    fwd += 3 * 8 * 2 * max(0, tiles - planes)     # scratch right carries: write + read
+    launches = 1
+    if NT > 1:
+        fwd += 2 * e * n + 6 * 8 * planes * 4     # summary reads k, v; summaries/carries
+        launches += 2
+    out = {"fwd_bytes_per_elem": fwd / n, "fwd_launches": launches}
+    if backward:
+        fwd_g = fwd + a * n                       # log-denominator stored
+        bwd = 2 * (3 * e + a + e) * n             # k, v, y, gy, logd read in pass 1 and 2
+        bwd += 2 * e * n                          # gk, gv written
+        bwd += 8 * 8 * 2 * max(0, tiles - planes) + 2 * 8 * planes
+        bl = 1
+        if NT > 1:
+            bwd += (3 * e + a + e) * n + 16 * 8 * planes * 4
+            bl += 2
+        out.update(fwdbwd_bytes_per_elem=(fwd_g + bwd) / n, fwdbwd_launches=launches + bl + 2)
+    return out
+
+
 class BiWKV4Function(torch.autograd.Function):
     """Autograd Function of the Triton Bi-WKV4 (inputs already validated and contiguous)."""
 
     @staticmethod
-    def forward(ctx, w, u, k, v, strategy, chunk):
-        y, logd, chunk, NT = _forward(w, u, k, v, strategy, chunk)
-        ctx.save_for_backward(w, u, k, v, y, logd)
+    def forward(ctx, w, u, k, v, strategy, chunk, need_grad=True):
+        # need_grad: the caller's grad mode and requires_grad (inside forward grad mode is off
+        # and needs_input_grad ignores torch.no_grad); False skips the log-denominator
+        need = bool(need_grad) and any(ctx.needs_input_grad[:4])
+        y, logd, chunk, NT = _forward(w, u, k, v, strategy, chunk, need)
+        if need:
+            ctx.save_for_backward(w, u, k, v, y, logd)
         ctx.chunk, ctx.NT = chunk, NT
-        return y.to(k.dtype)
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -247,7 +361,7 @@ class BiWKV4Function(torch.autograd.Function):
         w, u, k, v, y, logd = ctx.saved_tensors
         gy = gy.contiguous()
         gw, gu, gk, gv = _backward(w, u, k, v, y, logd, gy, ctx.chunk, ctx.NT)
-        return gw.to(w.dtype), gu.to(u.dtype), gk.to(k.dtype), gv.to(v.dtype), None, None
+        return gw.to(w.dtype), gu.to(u.dtype), gk, gv, None, None, None
 
 
 def biwkv4(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -294,5 +408,6 @@ def biwkv4(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
         chunk = choose_strategy(B, T, C, k.dtype, k.device)[1]
         if chunk >= T:
             chunk = max(1, 1 << max(0, (T - 1).bit_length() - 2))  # about 4 chunks
+    need_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (w, u, k, v))
     return BiWKV4Function.apply(w.contiguous(), u.contiguous(), k.contiguous(),
-                                v.contiguous(), strategy, chunk)
+                                v.contiguous(), strategy, chunk, need_grad)
