@@ -44,6 +44,7 @@ NEG = tl.constexpr(-1e30)
 # negligible for every query of the sub-pass while 2 * |w| * LT stays well below that
 BUDGET32 = tl.constexpr(24.0)
 BUDGET64 = tl.constexpr(256.0)
+CARRY_BUDGET = tl.constexpr(256.0)   # the same for the float64 chunk-carry cumsums
 # smallest BT of any config: scratch slots per chunk are counted in units of BT_MIN tokens
 BT_MIN = 16
 
@@ -59,11 +60,11 @@ def _cfg(bt, bc, warps, stages=1, **kw):
 
 # FIXED_*: the config used under shape_only_selection (and the single config); the first entry
 # of each list. The interpreter uses narrower channel blocks (numpy cost grows with the block).
-if INTERPRET:
-    FWD_CONFIGS = [_cfg(64, 16, 4)]
-    BWD_CONFIGS = [_cfg(64, 16, 4)]
-    SUM_CONFIGS = [_cfg(64, 16, 4)]
-    CARRY_CONFIGS = [triton.Config({"NB": 16, "BLOCK_C": 16}, num_warps=4)]
+if INTERPRET:   # numpy cost is per op, not per element: wide blocks, few programs
+    FWD_CONFIGS = [_cfg(64, 64, 4)]
+    BWD_CONFIGS = [_cfg(64, 64, 4)]
+    SUM_CONFIGS = [_cfg(64, 64, 4)]
+    CARRY_CONFIGS = [triton.Config({"NB": 16, "BLOCK_C": 64}, num_warps=4)]
 else:
     FWD_CONFIGS = [_cfg(64, 32, 4, 2), _cfg(32, 32, 4, 2), _cfg(64, 64, 8, 2), _cfg(128, 32, 8, 2),
                    _cfg(32, 64, 4, 2), _cfg(128, 16, 4, 2)]
@@ -85,7 +86,7 @@ for _c in FWD_CONFIGS + BWD_CONFIGS + SUM_CONFIGS:
 helper = (lambda f: f) if INTERPRET else triton.jit
 
 KEY = ["C"]
-KEY_LOCAL = ["C", "HAS_CARRY", "STORE_LD"]
+KEY_LOCAL = ["C", "HAS_CARRY", "STORE_LD", "STORE_YA"]
 KEY_BWD = ["C", "HAS_CARRY"]
 
 
@@ -110,21 +111,6 @@ def _cat5(o1, a1, b1, c1, d1, n2, o2, a2, b2, c2, d2, w):
     s2 = tl.exp(o2 - o)
     return (o, a1 * s1 + a2 * s2, b1 * s1 + b2 * s2, (c1 + n2 * a1) * s1 + c2 * s2,
             (d1 + n2 * b1) * s1 + d2 * s2)
-
-
-@triton.jit
-def _comb3(o1, a1, b1, n1, w1, o2, a2, b2, n2, w2):
-    """Scan combine (earlier, later) of (o, pn, pd, length, w) elements."""
-    o, a, b = _cat3(o1, a1, b1, n2, o2, a2, b2, w2)
-    return o, a, b, n1 + n2, w2
-
-
-@triton.jit
-def _comb8(o1, a1, b1, c1, d1, q1, g1, h1, n1, w1, o2, a2, b2, c2, d2, q2, g2, h2, n2, w2):
-    """Scan combine of (F5, Q3, length, w) elements."""
-    o, a, b, c, d = _cat5(o1, a1, b1, c1, d1, n2, o2, a2, b2, c2, d2, w2)
-    q, g, h = _cat3(q1, g1, h1, n2, q2, g2, h2, w2)
-    return o, a, b, c, d, q, g, h, n1 + n2, w2
 
 
 @helper
@@ -363,57 +349,119 @@ def _chunk_len(n, T, CHUNK):
     return tl.maximum(tl.minimum(CHUNK, T - n * CHUNK), 0)
 
 
+@helper
+def _carry_setup(w_ptr, cols, cmask, CHUNK, NB: tl.constexpr):
+    """Channel weights and the rows per cumsum sub-pass of the carry kernels (LTc chunks span
+    at most CARRY_BUDGET / max|w| tokens, so float64 exponents stay in range)."""
+    w64 = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float64)
+    wmax = tl.max(tl.where(cmask, tl.abs(w64), 0.0), axis=0) * CHUNK
+    lt = ((wmax * 0 + CARRY_BUDGET) / tl.maximum(wmax, 1e-300)).to(tl.int32)
+    return w64, tl.where(wmax * NB <= CARRY_BUDGET, NB, tl.maximum(lt, 1))
+
+
+@helper
+def _carry_rows(d, j, blk, NT, T, CHUNK):
+    """Rows of a carry block: d = 0 left carries in chunk order, d = 1 right carries in
+    reversed order. Returns the chunk whose carry the row is, the chunk whose total enters at
+    the row (its element), that chunk's length, and the row's position X in tokens (left: the
+    chunk's start; right: the distance of the chunk's end from T), so that an element at row q
+    reaches row r decayed by (X_r - X_q) w."""
+    row = blk + j
+    n_out = tl.where(d == 0, row, NT - 1 - row)
+    n_in = tl.where(d == 0, row - 1, NT - row)
+    ln = tl.maximum(tl.minimum(CHUNK, T - n_in * CHUNK), 0)
+    X = tl.where(d == 0, n_out * CHUNK, T - tl.minimum((n_out + 1) * CHUNK, T))
+    return row, n_out, n_in, ln.to(tl.float64), X.to(tl.float64)
+
+
+@helper
+def _norm(o, scale):
+    """Move a positive scale of the mantissas into the exponent (scale 0: empty state). The
+    carry cumsums anchor a whole sub-pass at its maximum, so a row's own terms may sit far
+    below o; the fp32 tiles must not see such an inflated exponent (it would become their
+    anchor and flush every real term of the tile to zero)."""
+    nz = scale > 0
+    sc = tl.where(nz, scale, 1.0)
+    return tl.where(nz, o + tl.log(sc), NEG), 1.0 / sc, nz
+
+
+@helper
+def _pick(x, sel):
+    """The row of a [NB, BLOCK_C] block where sel is true, as a [BLOCK_C] vector."""
+    return tl.sum(tl.where(sel, x, 0.0), axis=0)
+
+
 @triton.autotune(configs=CARRY_CONFIGS, key=KEY)
 @triton.jit(do_not_specialize=["T", "NT", "CHUNK"])
 def biwkv4_fwd_carry_kernel(w_ptr, s_ptr, c_ptr, B, T, C, NT, CHUNK,
                             NB: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Exclusive carries of all chunks from their summaries: a float64 ``tl.associative_scan``
-    over NB chunks at a time (the chunk totals are combined in parallel, a running carry links
-    the blocks). Left carries in chunk order, right carries over the reversed chunk order."""
+    """Exclusive carries of all chunks from their float64 summaries, combined in parallel: NB
+    chunks at a time, an anchored float64 cumsum over the chunk totals (sub-passes of LTc
+    chunks when |w| * CHUNK is large), a running carry linking the blocks. Left carries in
+    chunk order, right carries over the reversed chunk order."""
     pid_b = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    w64 = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float64)
+    w64, LTc = _carry_setup(w_ptr, cols, cmask, CHUNK, NB)
     st = (B * NT * C).to(tl.int64)
     j = tl.arange(0, NB)[:, None]
-    wt = tl.zeros([NB, BLOCK_C], tl.float64) + w64[None, :]
     for d in range(0, 2):
-        co, cn = _empty(w64)
-        cd = cn
+        po, pa = _empty(w64)          # state of the row before the current sub-pass
+        pb = pa
         for blk in range(0, NT, NB):
-            row = blk + j                                    # output row = chunk (reversed if d)
-            n_out = tl.where(d == 0, row, NT - 1 - row)     # chunk whose carry this row is
-            n_in = tl.where(d == 0, row - 1, NT - row)      # chunk whose total enters here
+            row, n_out, n_in, ln, X = _carry_rows(d, j, blk, NT, T, CHUNK)
             has = (row >= 1) & (row < NT) & cmask[None, :]
             so_in = (pid_b * NT + n_in) * C + cols[None, :]
             sd = s_ptr + 3 * d * st
-            o = _ldo(sd, so_in, st, 0, has)
-            a = _ld(sd, so_in, st, 1, has)
-            b = _ld(sd, so_in, st, 2, has)
-            ln = tl.where(has, _chunk_len(n_in, T, CHUNK), 0).to(tl.float64)
-            o, a, b, ln, _w = tl.associative_scan((o, a, b, ln, wt), 0, _comb3)
-            o, a, b = _cat3(co[None, :], cn[None, :], cd[None, :], ln, o, a, b, w64[None, :])
+            eo = _ldo(sd, so_in, st, 0, has)
+            ea = _ld(sd, so_in, st, 1, has)
+            eb = _ld(sd, so_in, st, 2, has)
+            nrow = tl.minimum(NB, NT - blk)
+            Oo, Oa = _empty(eo)
+            Ob = Oa
+            for sp in range(0, tl.cdiv(nrow, LTc)):
+                s0 = sp * LTc
+                e0 = tl.minimum(s0 + LTc, nrow)
+                act = (j >= s0) & (j < e0) & cmask[None, :]
+                first = j == s0
+                # the sub-pass's first row: the previous row's carry, then its own element
+                fo, fa, fb = _cat3(po, pa, pb, _pick(ln, first), _pick(eo, first),
+                                   _pick(ea, first), _pick(eb, first), w64)
+                rel = X - _pick(X + tl.zeros_like(eo), first)[None, :]
+                x = tl.where(act & first, fo[None, :], tl.where(act, eo, NEG))
+                ma = tl.where(first, fa[None, :], ea)
+                mb = tl.where(first, fb[None, :], eb)
+                A = x + rel * w64[None, :]
+                m = tl.max(A, axis=0)
+                ex = tl.exp(A - m[None, :])
+                cpa = tl.cumsum(ex * ma, axis=0)
+                cpb = tl.cumsum(ex * mb, axis=0)
+                no, inv, nz = _norm(m[None, :] - rel * w64[None, :], cpb)
+                Oo = tl.where(act, no, Oo)
+                Oa = tl.where(act, cpa * inv, Oa)
+                Ob = tl.where(act, tl.where(nz, 1.0, 0.0), Ob)
+                lastr = j == e0 - 1
+                po = _pick(Oo, lastr)
+                pa = _pick(Oa, lastr)
+                pb = _pick(Ob, lastr)
             ok = (row < NT) & cmask[None, :]
             so_out = (pid_b * NT + n_out) * C + cols[None, :]
             cp = c_ptr + 3 * d * st
-            tl.store(cp + so_out, o, mask=ok)
-            tl.store(cp + st + so_out, a, mask=ok)
-            tl.store(cp + 2 * st + so_out, b, mask=ok)
-            lastrow = j == NB - 1
-            co = tl.sum(tl.where(lastrow, o, 0.0), axis=0)
-            cn = tl.sum(tl.where(lastrow, a, 0.0), axis=0)
-            cd = tl.sum(tl.where(lastrow, b, 0.0), axis=0)
+            tl.store(cp + so_out, Oo, mask=ok)
+            tl.store(cp + st + so_out, Oa, mask=ok)
+            tl.store(cp + 2 * st + so_out, Ob, mask=ok)
 
 
 @triton.autotune(configs=FWD_CONFIGS, key=KEY_LOCAL)
 @triton.jit(do_not_specialize=["T", "NT", "CHUNK", "SPC"])
-def biwkv4_fwd_kernel(k_ptr, v_ptr, w_ptr, u_ptr, y_ptr, logd_ptr, c_ptr, sc_ptr,
+def biwkv4_fwd_kernel(k_ptr, v_ptr, w_ptr, u_ptr, y_ptr, logd_ptr, ya_ptr, c_ptr, sc_ptr,
                       B, T, C, NT, CHUNK, SPC, HAS_CARRY: tl.constexpr, STORE_LD: tl.constexpr,
-                      ACC: tl.constexpr, BT: tl.constexpr, BLOCK_C: tl.constexpr):
+                      STORE_YA: tl.constexpr, ACC: tl.constexpr, BT: tl.constexpr,
+                      BLOCK_C: tl.constexpr):
     """Local pass over one chunk. Pass 1 walks the tiles right to left and parks the right
     carry of every tile but the first in float64 scratch (SPC slots per chunk); pass 2 walks
-    them left to right, computes y (stored in y's dtype) and, if STORE_LD, the log-denominator
-    the backward needs."""
+    them left to right, computes y (stored in y's dtype) and, if STORE_LD, what the backward
+    needs: lam = log-denominator - u - k, and (STORE_YA, 16-bit inputs) y in float32."""
     pid_b, pid_n, cols, cmask, start, L, so, st, r = _program(B, T, C, NT, CHUNK, BT, BLOCK_C)
     rf = r.to(ACC)
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(ACC)
@@ -459,6 +507,8 @@ def biwkv4_fwd_kernel(k_ptr, v_ptr, w_ptr, u_ptr, y_ptr, logd_ptr, c_ptr, sc_ptr
         tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=valid)
         if STORE_LD:
             tl.store(logd_ptr + off, ld, mask=valid)
+        if STORE_YA:
+            tl.store(ya_ptr + off, y, mask=valid)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -700,21 +750,19 @@ def biwkv4_bwd_summary_kernel(k_ptr, v_ptr, w_ptr, u_ptr, y_ptr, logd_ptr, gy_pt
 @triton.jit(do_not_specialize=["T", "NT", "CHUNK"])
 def biwkv4_bwd_carry_kernel(w_ptr, s_ptr, c_ptr, B, T, C, NT, CHUNK,
                             NB: tl.constexpr, BLOCK_C: tl.constexpr):
-    """biwkv4_fwd_carry_kernel for the 8 backward state values per direction."""
+    """biwkv4_fwd_carry_kernel for the 8 backward state values per direction (F with its
+    distance sums, Q)."""
     pid_b = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    w64 = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float64)
+    w64, LTc = _carry_setup(w_ptr, cols, cmask, CHUNK, NB)
     st = (B * NT * C).to(tl.int64)
     j = tl.arange(0, NB)[:, None]
-    wt = tl.zeros([NB, BLOCK_C], tl.float64) + w64[None, :]
     for d in range(0, 2):
-        c0, z = _empty(w64)
-        c1, c2, c3, c4, c5, c6, c7 = z, z, z, z, c0, z, z
+        p0, z = _empty(w64)
+        p1, p2, p3, p4, p5, p6, p7 = z, z, z, z, p0, z, z
         for blk in range(0, NT, NB):
-            row = blk + j
-            n_out = tl.where(d == 0, row, NT - 1 - row)
-            n_in = tl.where(d == 0, row - 1, NT - row)
+            row, n_out, n_in, ln, X = _carry_rows(d, j, blk, NT, T, CHUNK)
             has = (row >= 1) & (row < NT) & cmask[None, :]
             so_in = (pid_b * NT + n_in) * C + cols[None, :]
             sd = s_ptr + 8 * d * st
@@ -726,28 +774,68 @@ def biwkv4_bwd_carry_kernel(w_ptr, s_ptr, c_ptr, B, T, C, NT, CHUNK,
             e5 = _ldo(sd, so_in, st, 5, has)
             e6 = _ld(sd, so_in, st, 6, has)
             e7 = _ld(sd, so_in, st, 7, has)
-            ln = tl.where(has, _chunk_len(n_in, T, CHUNK), 0).to(tl.float64)
-            e0, e1, e2, e3, e4, e5, e6, e7, ln, _w = tl.associative_scan(
-                (e0, e1, e2, e3, e4, e5, e6, e7, ln, wt), 0, _comb8)
-            W = w64[None, :]
-            e0, e1, e2, e3, e4 = _cat5(c0[None, :], c1[None, :], c2[None, :], c3[None, :],
-                                       c4[None, :], ln, e0, e1, e2, e3, e4, W)
-            e5, e6, e7 = _cat3(c5[None, :], c6[None, :], c7[None, :], ln, e5, e6, e7, W)
+            nrow = tl.minimum(NB, NT - blk)
+            O0, z2 = _empty(e0)
+            O1, O2, O3, O4, O5, O6, O7 = z2, z2, z2, z2, O0, z2, z2
+            for sp in range(0, tl.cdiv(nrow, LTc)):
+                s0 = sp * LTc
+                e_ = tl.minimum(s0 + LTc, nrow)
+                act = (j >= s0) & (j < e_) & cmask[None, :]
+                first = j == s0
+                lnf = _pick(ln, first)
+                f0, f1, f2, f3, f4 = _cat5(p0, p1, p2, p3, p4, lnf, _pick(e0, first),
+                                           _pick(e1, first), _pick(e2, first), _pick(e3, first),
+                                           _pick(e4, first), w64)
+                f5, f6, f7 = _cat3(p5, p6, p7, lnf, _pick(e5, first), _pick(e6, first),
+                                   _pick(e7, first), w64)
+                rel = X - _pick(X + tl.zeros_like(e0), first)[None, :]
+                W = w64[None, :]
+                x = tl.where(act & first, f0[None, :], tl.where(act, e0, NEG))
+                m1 = tl.where(first, f1[None, :], e1)
+                m2 = tl.where(first, f2[None, :], e2)
+                m3 = tl.where(first, f3[None, :], e3)
+                m4 = tl.where(first, f4[None, :], e4)
+                A = x + rel * W
+                m = tl.max(A, axis=0)
+                ex = tl.exp(A - m[None, :])
+                c1 = tl.cumsum(ex * m1, axis=0)
+                c2 = tl.cumsum(ex * m2, axis=0)
+                # distance sums: each element's own plus (X_r - X_q) times its mass
+                c3 = rel * c1 - tl.cumsum(ex * m1 * rel, axis=0) + tl.cumsum(ex * m3, axis=0)
+                c4 = rel * c2 - tl.cumsum(ex * m2 * rel, axis=0) + tl.cumsum(ex * m4, axis=0)
+                no, inv, nz = _norm(m[None, :] - rel * W, c2)
+                O0 = tl.where(act, no, O0)
+                O1 = tl.where(act, c1 * inv, O1)
+                O2 = tl.where(act, tl.where(nz, 1.0, 0.0), O2)
+                O3 = tl.where(act, c3 * inv, O3)
+                O4 = tl.where(act, c4 * inv, O4)
+                xq = tl.where(act & first, f5[None, :], tl.where(act, e5, NEG))
+                q1 = tl.where(first, f6[None, :], e6)
+                q2 = tl.where(first, f7[None, :], e7)
+                Aq = xq + rel * W
+                mq = tl.max(Aq, axis=0)
+                eq = tl.exp(Aq - mq[None, :])
+                cq1 = tl.cumsum(eq * q1, axis=0)
+                cq2 = tl.cumsum(eq * q2, axis=0)
+                no, inv, nz = _norm(mq[None, :] - rel * W, tl.maximum(tl.abs(cq1), tl.abs(cq2)))
+                O5 = tl.where(act, no, O5)
+                O6 = tl.where(act, cq1 * inv, O6)
+                O7 = tl.where(act, cq2 * inv, O7)
+                lastr = j == e_ - 1
+                p0 = _pick(O0, lastr)
+                p1 = _pick(O1, lastr)
+                p2 = _pick(O2, lastr)
+                p3 = _pick(O3, lastr)
+                p4 = _pick(O4, lastr)
+                p5 = _pick(O5, lastr)
+                p6 = _pick(O6, lastr)
+                p7 = _pick(O7, lastr)
             ok = (row < NT) & cmask[None, :]
             so_out = (pid_b * NT + n_out) * C + cols[None, :]
             cp = c_ptr + 8 * d * st
-            vals = (e0, e1, e2, e3, e4, e5, e6, e7)
+            vals = (O0, O1, O2, O3, O4, O5, O6, O7)
             for i in tl.static_range(8):
                 tl.store(cp + i * st + so_out, vals[i], mask=ok)
-            lastrow = j == NB - 1
-            c0 = tl.sum(tl.where(lastrow, e0, 0.0), axis=0)
-            c1 = tl.sum(tl.where(lastrow, e1, 0.0), axis=0)
-            c2 = tl.sum(tl.where(lastrow, e2, 0.0), axis=0)
-            c3 = tl.sum(tl.where(lastrow, e3, 0.0), axis=0)
-            c4 = tl.sum(tl.where(lastrow, e4, 0.0), axis=0)
-            c5 = tl.sum(tl.where(lastrow, e5, 0.0), axis=0)
-            c6 = tl.sum(tl.where(lastrow, e6, 0.0), axis=0)
-            c7 = tl.sum(tl.where(lastrow, e7, 0.0), axis=0)
 
 
 @triton.autotune(configs=BWD_CONFIGS, key=KEY_BWD)

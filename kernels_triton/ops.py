@@ -270,10 +270,13 @@ def _forward(w, u, k, v, strategy, chunk, need_ld):
                 w, s, c, B, T, C, NT, chunk)
     else:
         c = sc  # unused placeholder
+    # 16-bit inputs: the backward reads y in float32 (a rounded y costs the gradients accuracy)
+    store_ya = need_ld and k.dtype in (torch.float16, torch.bfloat16)
+    ya = _alloc((B, T, C), acc, dev) if store_ya else y
     _launch("fwd", lambda m: (B, triton_cdiv(C, m["BLOCK_C"]), NT),
-            k, v, w, u, y, logd, c, sc, B, T, C, NT, chunk, SPC, HAS_CARRY=NT > 1,
-            STORE_LD=need_ld, ACC=ACC)
-    return y, (logd if need_ld else None), chunk, NT
+            k, v, w, u, y, logd, ya, c, sc, B, T, C, NT, chunk, SPC, HAS_CARRY=NT > 1,
+            STORE_LD=need_ld, STORE_YA=store_ya, ACC=ACC)
+    return y, ya, (logd if need_ld else None), chunk, NT
 
 
 def _backward(w, u, k, v, y, logd, gy, chunk, NT):
@@ -329,13 +332,14 @@ def traffic(B: int, T: int, C: int, dtype: torch.dtype, strategy: str, chunk: in
         launches += 2
     out = {"fwd_bytes_per_elem": fwd / n, "fwd_launches": launches}
     if backward:
-        fwd_g = fwd + a * n                       # log-denominator stored
-        bwd = 2 * (3 * e + a + e) * n             # k, v, y, gy, logd read in pass 1 and 2
+        fwd_g = fwd + a * n + (4 * n if e == 2 else 0)   # lam (and float32 y for 16-bit)
+        ey = 4 if e == 2 else e
+        bwd = 2 * (3 * e + ey + a) * n            # k, v, gy, y, lam read in pass 1 and 2
         bwd += 2 * e * n                          # gk, gv written
         bwd += 8 * 8 * 2 * max(0, tiles - planes) + 2 * 8 * planes
         bl = 1
         if NT > 1:
-            bwd += (3 * e + a + e) * n + 16 * 8 * planes * 4
+            bwd += (3 * e + ey + a) * n + 16 * 8 * planes * 4
             bl += 2
         out.update(fwdbwd_bytes_per_elem=(fwd_g + bwd) / n, fwdbwd_launches=launches + bl + 2)
     return out
@@ -349,9 +353,9 @@ class BiWKV4Function(torch.autograd.Function):
         # need_grad: the caller's grad mode and requires_grad (inside forward grad mode is off
         # and needs_input_grad ignores torch.no_grad); False skips the log-denominator
         need = bool(need_grad) and any(ctx.needs_input_grad[:4])
-        y, logd, chunk, NT = _forward(w, u, k, v, strategy, chunk, need)
+        y, ya, logd, chunk, NT = _forward(w, u, k, v, strategy, chunk, need)
         if need:
-            ctx.save_for_backward(w, u, k, v, y, logd)
+            ctx.save_for_backward(w, u, k, v, ya, logd)
         ctx.chunk, ctx.NT = chunk, NT
         return y
 
