@@ -316,32 +316,33 @@ def traffic(B: int, T: int, C: int, dtype: torch.dtype, strategy: str, chunk: in
             backward: bool = False, bt: int = 64) -> dict:
     """DRAM bytes per (b, t, c) element and kernel launches of one call, counted from the
     kernels' loads and stores (shifted-row loads hit cache and are not counted; float64
-    carries, summaries and scratch are). ``backward``: forward with the log-denominator
-    stored, plus the backward."""
+    carries, summaries and scratch are). Pass 1 of the local kernels re-reads every tile of a
+    chunk but the first, so chunks of one tile (chunk <= BT) skip it. ``backward``: the
+    forward with what the backward needs stored, plus the backward."""
     e = torch.empty((), dtype=dtype).element_size()
     a = 8 if dtype == torch.float64 else 4
+    ey = 4 if e == 2 else e                       # y as the backward reads it
     chunk, NT = _plan(T, strategy, chunk)
+    tpc = -(-chunk // bt)                         # tiles per chunk
+    again = (tpc - 1) / tpc                       # fraction re-read by pass 1
     n = B * T * C
-    tiles = B * C * NT * -(-chunk // bt)          # tile slots (approximately)
-    planes = B * C * NT
-    fwd = 2 * e * n + 2 * e * n + e * n           # pass 1 reads k, v; pass 2 reads k, v, writes y
-    fwd += 3 * 8 * 2 * max(0, tiles - planes)     # scratch right carries: write + read
+    per_chunk = B * C * NT / n                    # chunk planes per element
+    scratch = 2 * 8 * (tpc - 1) * per_chunk       # per state value: write + read
+    fwd = (2 * e) * (1 + again) + e + 3 * scratch
     launches = 1
     if NT > 1:
-        fwd += 2 * e * n + 6 * 8 * planes * 4     # summary reads k, v; summaries/carries
+        fwd += 2 * e + 6 * 8 * 3 * per_chunk      # summary pass; summaries, carries
         launches += 2
-    out = {"fwd_bytes_per_elem": fwd / n, "fwd_launches": launches}
+    out = {"fwd_bytes_per_elem": fwd, "fwd_launches": launches}
     if backward:
-        fwd_g = fwd + a * n + (4 * n if e == 2 else 0)   # lam (and float32 y for 16-bit)
-        ey = 4 if e == 2 else e
-        bwd = 2 * (3 * e + ey + a) * n            # k, v, gy, y, lam read in pass 1 and 2
-        bwd += 2 * e * n                          # gk, gv written
-        bwd += 8 * 8 * 2 * max(0, tiles - planes) + 2 * 8 * planes
+        fwd_g = fwd + a + (ey if e == 2 else 0)   # lam (and float32 y for 16-bit)
+        rd = 3 * e + ey + a                       # k, v, gy, y, lam
+        bwd = rd * (1 + again) + 2 * e + 8 * scratch + 2 * 8 * per_chunk
         bl = 1
         if NT > 1:
-            bwd += (3 * e + ey + a) * n + 16 * 8 * planes * 4
+            bwd += rd + 16 * 8 * 3 * per_chunk
             bl += 2
-        out.update(fwdbwd_bytes_per_elem=(fwd_g + bwd) / n, fwdbwd_launches=launches + bl + 2)
+        out.update(fwdbwd_bytes_per_elem=fwd_g + bwd, fwdbwd_launches=launches + bl + 2)
     return out
 
 
