@@ -63,7 +63,7 @@ def timeit(fn, device, rep_ms=50):
 def copy_bandwidth(device, rep_ms=100):
     """GB/s of torch.empty_like(x).copy_(x) (read + write) on a 1 GiB fp32 buffer."""
     x = torch.empty(1 << 28, dtype=torch.float32, device=device).uniform_()
-    t = timeit(lambda: torch.empty_like(x).copy_(x), device, rep_ms)
+    t = timeit(lambda x=x: torch.empty_like(x).copy_(x), device, rep_ms)
     del x
     return 2 * (1 << 30) / t / 1e6
 

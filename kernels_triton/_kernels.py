@@ -69,7 +69,7 @@ else:
     # first entry = the fixed config (shape_only_selection, HPCM_BIWKV4_AUTOTUNE=0). The tiles
     # are register blocks: about 8 fp32 elements per thread per tensor (fwd), 2-4 (bwd) keep
     # ptxas below 255 registers without a stack frame (python -m kernels_triton.aot).
-    FWD_CONFIGS = [_cfg(32, 32, 4, 2), _cfg(32, 32, 8, 2), _cfg(64, 32, 8, 2), _cfg(32, 64, 8, 2),
+    FWD_CONFIGS = [_cfg(32, 32, 8, 2), _cfg(32, 32, 4, 2), _cfg(64, 32, 8, 2), _cfg(32, 64, 8, 2),
                    _cfg(16, 64, 4, 2)]
     BWD_CONFIGS = [_cfg(16, 16, 4, 2), _cfg(16, 32, 8, 2), _cfg(32, 16, 8, 2), _cfg(16, 16, 2, 2)]
     SUM_CONFIGS = [_cfg(32, 32, 4, 2), _cfg(64, 32, 8, 2), _cfg(64, 64, 8, 2), _cfg(32, 64, 4, 2)]

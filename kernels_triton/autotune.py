@@ -10,7 +10,7 @@ stages config of each kernel is picked by triton.autotune (keyed on C, the dtype
 constexpr flags, never T or B) and reported. Prints a markdown table (shape, strategy, chunk, chosen fwd/bwd configs, times,
 achieved GB/s against the bytes that must move: k, v read and y written for the forward, plus
 gy read and gk, gv written for the backward) and writes the fastest strategy/chunk per shape
-to the JSON, which kernels_triton.biwkv4.choose_strategy reads (nearest B, T entry of the same
+to the JSON, which kernels_triton.ops.choose_strategy reads (nearest B, T entry of the same
 device, C and dtype).
 
 Without a GPU: says so, checks the kernels under Triton's interpreter at small shapes against

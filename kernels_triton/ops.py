@@ -13,21 +13,23 @@ Backends: "triton" (CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 was set
 kernel module kernels_triton._kernels was imported; it is imported lazily at the first Triton
 call), "torch" (:func:`reference.biwkv4_scan`), "auto" (triton on CUDA tensors, torch otherwise).
 
-Autotuning: each kernel is a ``triton.autotune`` over BLOCK_C / num_warps keyed on C, the
-pointer dtypes and (local passes) the strategy, never on T or B; one config under the
-interpreter. ``python -m kernels_triton.autotune`` sweeps strategies and chunk lengths and
-writes the JSON read by :func:`choose_strategy` (strategy and chunk; BLOCK_C / num_warps are
-re-picked by triton.autotune on first use per key).
+Kernels (kernels_triton/_kernels.py): tiles of BT tokens x BLOCK_C channels, in-register
+anchored cumsum scans, float64 carries between tiles and chunks (fp32 error independent of T),
+sub-passes when |w| * BT is large. Each kernel is a ``triton.autotune`` over BT, BLOCK_C,
+warps and stages keyed on C, the pointer dtypes and its constexpr flags, never on T or B; one
+config under the interpreter. ``python -m kernels_triton.autotune`` sweeps strategies and chunk
+lengths and writes the JSON read by :func:`choose_strategy`.
 
 Strategies of the Triton backend:
-* "sequential": one program per (b, BLOCK_C channels) walks all T tokens (left pass, right
-  pass). Best when B * C / BLOCK_C fills the GPU.
-* "chunked": T is cut into chunks of CHUNK tokens; per-chunk log-space totals, a scan over
-  chunk carries, then a local pass per chunk. B * C/BLOCK_C * T/CHUNK programs, so B = 1 with
-  long T (4K images: T ~ 35k, C = 640) fills a GPU.
+* "sequential": one program per (b, BLOCK_C channels) walks all T tokens tile by tile, one
+  launch (pass 1 right to left parks tile carries in float64 scratch, pass 2 writes y).
+* "chunked": T is cut into chunks of CHUNK tokens; per-chunk float64 totals (one launch),
+  their carries combined in parallel (one launch), then the local pass per chunk. Fills a GPU
+  when B * C / BLOCK_C is small and T long (4K images: B = 1, T ~ 35k, C = 640).
 Heuristic (``strategy=None``): an entry of the autotune JSON for this device/C/dtype nearest
-in (B, T) wins; otherwise "sequential" when T <= 128 or B * ceil(C/64) >= the number of SMs,
-else "chunked" with CHUNK the power of two (32..1024) that gives about 4 programs per SM.
+in (B, T) wins (not under :func:`shape_only_selection`); otherwise tokens per program
+~ B * ceil(C / 32) * T / (8 * SMs), a power of two >= 64, "sequential" once that reaches T:
+non-decreasing in B and T (no cliff).
 """
 from __future__ import annotations
 
@@ -71,9 +73,17 @@ _SHAPE_ONLY = False
 
 @contextlib.contextmanager
 def shape_only_selection(enabled: bool = True):
-    """Kernel choice (strategy, tile sizes, launch configs) from the shapes alone: no autotune
-    JSON, no runtime timing. The coding path (compress/decompress) runs under this so an encoder
-    and a later decoder run the same reductions whatever their caches hold."""
+    """Kernel choice from the shapes (and dtype) alone: strategy and chunk by the heuristic
+    (the autotune JSON is not read) and every kernel launched with its fixed config (the first
+    of its list: BT, BLOCK_C, warps, stages), bypassing ``triton.autotune`` and its timing.
+    Everything that can change the arithmetic (tile and chunk boundaries, the sub-pass budget
+    per channel block, reduction trees) then depends only on B, T, C and the dtype.
+
+    The coding path (compress/decompress) runs under this so an encoder and a later decoder run
+    the same reductions whatever their caches hold. Bitwise equal results additionally need the
+    same kind of device (GPU model / SM count: the heuristic reads the SM count; compiled code
+    differs per architecture), the same torch and triton versions (code generation, libdevice)
+    and the same version of this library (its configs and heuristic)."""
     global _SHAPE_ONLY
     old, _SHAPE_ONLY = _SHAPE_ONLY, enabled
     try:
