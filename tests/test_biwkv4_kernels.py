@@ -166,7 +166,7 @@ if st is not None:
 
 # ----------------------------------------------------------------------------- exactness
 @pytest.mark.parametrize("strategy,chunk,w_scale", [("sequential", None, 1000.0), ("chunked", 8, 1.0),
-                                                   ("chunked", 5, 1000.0)])
+                                                   ("chunked", 11, 1000.0)])
 def test_fp64_exact_vs_naive(strategy, chunk, w_scale):
     ins, gy = make_inputs(2, 33, 5, w_scale, seed=21)
     assert_matches_reference(ins, gy, torch.float64, strategy=strategy, chunk=chunk)
@@ -204,7 +204,7 @@ def test_extreme_values_fp32_both_signs():
 # ----------------------------------------------------------------------------- robustness
 @pytest.mark.parametrize("strategy,chunk", [("sequential", None), ("chunked", 8)])
 def test_backward_bitwise_deterministic(strategy, chunk):
-    ins, gy = make_inputs(2, 19, 70, 20.0, dtype=torch.float32, seed=9)
+    ins, gy = make_inputs(1, 19, 70, 20.0, dtype=torch.float32, seed=9)
     y1, g1 = run(ins, gy, strategy=strategy, chunk=chunk)
     y2, g2 = run(ins, gy, strategy=strategy, chunk=chunk)
     assert torch.equal(y1, y2)
