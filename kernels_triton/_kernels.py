@@ -140,7 +140,7 @@ def _lane_budget(w, cmask, BT: tl.constexpr, ACC: tl.constexpr):
         budget = wmax * 0 + BUDGET64
     else:
         budget = wmax * 0 + BUDGET32
-    lt = (budget / tl.maximum(wmax, 1e-30)).to(tl.int32)
+    lt = tl.minimum(budget / tl.maximum(wmax, 1e-30), BT * 1.0).to(tl.int32)   # no overflow
     return tl.where(wmax * BT <= budget, BT, tl.maximum(lt, 1))
 
 
@@ -357,7 +357,7 @@ def _carry_setup(w_ptr, cols, cmask, CHUNK, NB: tl.constexpr):
     at most CARRY_BUDGET / max|w| tokens, so float64 exponents stay in range)."""
     w64 = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float64)
     wmax = tl.max(tl.where(cmask, tl.abs(w64), 0.0), axis=0) * CHUNK
-    lt = ((wmax * 0 + CARRY_BUDGET) / tl.maximum(wmax, 1e-300)).to(tl.int32)
+    lt = tl.minimum((wmax * 0 + CARRY_BUDGET) / tl.maximum(wmax, 1e-300), NB * 1.0).to(tl.int32)
     return w64, tl.where(wmax * NB <= CARRY_BUDGET, NB, tl.maximum(lt, 1))
 
 
