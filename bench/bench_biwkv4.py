@@ -1,13 +1,21 @@
-"""Benchmark Bi-WKV4: Triton kernels vs the PyTorch scan vs the naive O(T^2) reference.
+"""Benchmark Bi-WKV4: the Triton strategies against the memory system, plus the CPU paths.
 
-    python bench/bench_biwkv4.py [--C 640,960] [--dtype fp32] [--quick]
+    python bench/bench_biwkv4.py [--C 640,960] [--dtype fp32] [--quick] [--rep 50]
 
-HPCM shapes: C = 640 (2M) and 960 (3M); T = 16, 64, 256 (a 256^2 image, B = 1 and 8) and the
-4K-frame sizes T = 2160, 8640, 34560 with B = 1. Times the forward and forward+backward;
-achieved GB/s is against the bytes that must move: k, v read and y written (forward), plus
-gy read and gk, gv written (backward). The naive reference only where T <= 4096.
-On a machine without a GPU only the CPU paths (torch scan, naive) are timed, at sizes two
-cores can do; the Triton kernels are timed only on a GPU. Prints a markdown table.
+Shapes (SPEC §1): C = 640 (2M) and 960 (3M, Phase-4 priors); a 256² image gives T = 16, 64,
+256 (B = 1, 8, 16), a 4K frame T = 2160, 8640, 34560 with B = 1; plus B = 16, T = 4096.
+
+On a GPU, per shape and strategy (sequential, chunked with the heuristic's chunk), forward
+and forward+backward: bytes moved per (b, t, c) element as counted from the kernels' loads
+and stores (``kernels_triton.ops.traffic``), kernel launches per call, time, achieved GB/s
+(those bytes over the time) and the fraction of the device's copy bandwidth, measured in the
+same run as ``torch.empty_like(x).copy_(x)`` on a 1 GiB buffer. Also "floor %": the time the
+floors of 12 B (forward) and 32 B (forward+backward) per fp32 element would take at the
+measured copy bandwidth, over the measured time (the targets: >= 50 % forward, >= 35 %
+forward+backward at the 4K shape and at B = 16, T = 4096, C = 640). Nothing asserts time.
+
+Without a GPU: the traffic model of each strategy (bytes, launches) and the CPU time of the
+PyTorch scan (reference.biwkv4_scan) at sizes two cores can do. Prints markdown tables.
 """
 from __future__ import annotations
 
@@ -21,33 +29,138 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kernels_triton import biwkv4  # noqa: E402
-from reference import biwkv4_naive, biwkv4_scan  # noqa: E402
+from kernels_triton.ops import choose_strategy, traffic  # noqa: E402
+from reference import biwkv4_scan  # noqa: E402
 
 _DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FLOOR_FWD, FLOOR_FB = 12, 32      # fp32 bytes per element: k, v, y / + gy, gk, gv, y, (k, v)
 
 
-def nbytes(B, T, C, dtype, backward):
-    n = B * T * C * torch.empty((), dtype=dtype).element_size()
-    return n * (3 + (5 if backward else 0))
+def shapes(quick: bool):
+    s = [(1, 16), (8, 16), (16, 16), (1, 64), (8, 64), (16, 64), (1, 256), (8, 256), (16, 256),
+         (1, 2160), (1, 8640), (1, 34560), (16, 4096)]
+    if quick:
+        s = [(16, 256), (1, 34560), (16, 4096)]
+    return s
 
 
-def timeit(fn, device, min_reps=3, budget_s=1.0):
+def timeit(fn, device, rep_ms=50):
     """Median wall time in ms (CUDA: triton.testing.do_bench)."""
     if device.type == "cuda":
-        import triton
         import triton.testing
-        return triton.testing.do_bench(fn, warmup=5, rep=int(budget_s * 100))
-    fn()  # warm-up
+        return triton.testing.do_bench(fn, warmup=5, rep=rep_ms)
+    fn()
     ts = []
-    t_end = time.perf_counter() + budget_s
-    while len(ts) < min_reps or time.perf_counter() < t_end:
+    t_end = time.perf_counter() + rep_ms / 1000
+    while len(ts) < 3 or (time.perf_counter() < t_end and len(ts) < 50):
         t0 = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
-        if len(ts) >= 50:
-            break
     ts.sort()
     return ts[len(ts) // 2] * 1e3
+
+
+def copy_bandwidth(device, rep_ms=100):
+    """GB/s of torch.empty_like(x).copy_(x) (read + write) on a 1 GiB fp32 buffer."""
+    x = torch.empty(1 << 28, dtype=torch.float32, device=device).uniform_()
+    t = timeit(lambda x=x: torch.empty_like(x).copy_(x), device, rep_ms)
+    del x
+    return 2 * (1 << 30) / t / 1e6
+
+
+def inputs(B, T, C, dtype, dev, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.linspace(0, 8, C) / T).to(dev, dtype)              # HPCM-like decay ramp
+    u = (torch.randn(C, generator=g) / T).to(dev, dtype)
+    k = (torch.randn(B, T, C, generator=g) * 2).to(dev, dtype)
+    v = torch.randn(B, T, C, generator=g).to(dev, dtype)
+    gy = torch.randn(B, T, C, generator=g).to(dev, dtype)
+    return w, u, k, v, gy
+
+
+def gpu_main(args, dtype):
+    dev = torch.device("cuda")
+    import triton
+    bw = copy_bandwidth(dev)
+    print(f"# Bi-WKV4 on {torch.cuda.get_device_name()}; torch {torch.__version__}; "
+          f"triton {triton.__version__}; dtype {args.dtype}")
+    print(f"measured copy bandwidth (torch.empty_like(x).copy_(x), 1 GiB): {bw:.0f} GB/s\n")
+    print("| C | B | T | strategy | chunk | fwd B/el | fwd launches | fwd ms | fwd GB/s | fwd % copy "
+          "| fwd floor % | f+b B/el | f+b launches | f+b ms | f+b GB/s | f+b % copy | f+b floor % |")
+    print("|" + "---|" * 17)
+    for C in [int(c) for c in args.C.split(",")]:
+        for B, T in shapes(args.quick):
+            w, u, k, v, gy = inputs(B, T, C, dtype, dev)
+            n = B * T * C
+            _, ch = choose_strategy(B, T, C, dtype, dev)
+            cands = [("sequential", T)]
+            if T > 64:
+                cands.append(("chunked", ch if ch < T else max(64, T // 4)))
+            for strategy, chunk in cands:
+                params = [x.clone().requires_grad_() for x in (w, u, k, v)]
+
+                def fwd(params=params, strategy=strategy, chunk=chunk):
+                    with torch.no_grad():
+                        biwkv4(*params, backend="triton", strategy=strategy, chunk=chunk)
+
+                def fb(params=params, strategy=strategy, chunk=chunk, gy=gy):
+                    y = biwkv4(*params, backend="triton", strategy=strategy, chunk=chunk)
+                    torch.autograd.grad(y, params, gy)
+                try:
+                    fb()
+                    t_f = timeit(fwd, dev, args.rep)
+                    t_fb = timeit(fb, dev, args.rep)
+                except torch.cuda.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    print(f"| {C} | {B} | {T} | {strategy} | {chunk} | OOM |" + " |" * 11)
+                    continue
+                tr = traffic(B, T, C, dtype, strategy, chunk, backward=True)
+                bf, bb = tr["fwd_bytes_per_elem"], tr["fwdbwd_bytes_per_elem"]
+                gf, gb = bf * n / t_f / 1e6, bb * n / t_fb / 1e6
+                ff = FLOOR_FWD * n / bw / 1e6 / t_f * 100
+                fbf = FLOOR_FB * n / bw / 1e6 / t_fb * 100
+                print(f"| {C} | {B} | {T} | {strategy} | {chunk} | {bf:.1f} | {tr['fwd_launches']} | "
+                      f"{t_f:.3f} | {gf:.0f} | {100 * gf / bw:.0f} | {ff:.0f} | {bb:.1f} | "
+                      f"{tr['fwdbwd_launches']} | {t_fb:.3f} | {gb:.0f} | {100 * gb / bw:.0f} | "
+                      f"{fbf:.0f} |", flush=True)
+            del w, u, k, v, gy
+            torch.cuda.empty_cache()
+
+
+def cpu_main(args, dtype):
+    print(f"# Bi-WKV4 on CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads); "
+          f"torch {torch.__version__}; dtype {args.dtype}")
+    print("No GPU: the Triton kernels are timed only on a GPU (bench/gpu_check.sh). Their traffic "
+          "model (bytes per element from the kernels' loads and stores; heuristic chunk for a "
+          "132-SM GPU):\n")
+    print("| C | B | T | strategy | chunk | fwd B/el | fwd launches | f+b B/el | f+b launches |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    cpu = torch.device("cpu")
+    for C in [int(c) for c in args.C.split(",")]:
+        for B, T in shapes(args.quick):
+            s, ch = choose_strategy(B, T, C, dtype, cpu, n_sm=132)
+            for strategy, chunk in [("sequential", T)] + ([("chunked", ch if ch < T else max(64, T // 4))]
+                                                           if T > 64 else []):
+                tr = traffic(B, T, C, dtype, strategy, chunk, backward=True)
+                mark = " (heuristic)" if strategy == s else ""
+                print(f"| {C} | {B} | {T} | {strategy}{mark} | {chunk} | {tr['fwd_bytes_per_elem']:.1f} | "
+                      f"{tr['fwd_launches']} | {tr['fwdbwd_bytes_per_elem']:.1f} | "
+                      f"{tr['fwdbwd_launches']} |")
+    print("\nCPU path (reference.biwkv4_scan, float64 inside):\n")
+    print("| C | B | T | fwd ms | fwd+bwd ms |")
+    print("|---|---|---|---|---|")
+    for C in [int(c) for c in args.C.split(",")]:
+        for B, T in [(1, 64), (1, 256), (1, 2160)][: 2 if args.quick else 3]:
+            w, u, k, v, gy = inputs(B, T, C, dtype, cpu)
+            params = [x.clone().requires_grad_() for x in (w, u, k, v)]
+
+            def fwd(params=params):
+                with torch.no_grad():
+                    biwkv4_scan(*params)
+
+            def fb(params=params, gy=gy):
+                torch.autograd.grad(biwkv4_scan(*params), params, gy)
+            print(f"| {C} | {B} | {T} | {timeit(fwd, cpu, args.rep):.2f} | {timeit(fb, cpu, args.rep):.2f} |")
 
 
 def main(argv=None):
@@ -55,75 +168,13 @@ def main(argv=None):
     ap.add_argument("--C", default="640,960")
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--quick", action="store_true", help="fewer shapes")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="torch CPU threads (0: torch's default); 1 is steadier on a shared box")
+    ap.add_argument("--rep", type=int, default=50, help="timing budget per measurement (ms)")
     args = ap.parse_args(argv)
-    gpu = torch.cuda.is_available()
-    dev = torch.device("cuda" if gpu else "cpu")
     dtype = _DT[args.dtype]
-    Cs = [int(c) for c in args.C.split(",")]
-    if gpu:
-        shapes = [(1, 16), (8, 16), (1, 64), (8, 64), (1, 256), (8, 256), (1, 2160), (1, 8640),
-                  (1, 34560)]
-        if args.quick:
-            shapes = [(8, 256), (1, 2160), (1, 34560)]
-        methods = ["triton", "torch-scan", "naive"]
-        naive_max_T = 4096
+    if torch.cuda.is_available():
+        gpu_main(args, dtype)
     else:
-        shapes = [(1, 16), (1, 64), (1, 256), (1, 2160)]
-        if args.quick:
-            shapes = [(1, 64), (1, 256)]
-        methods = ["torch-scan", "naive"]
-        naive_max_T = 256
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    name = (torch.cuda.get_device_name() if gpu else
-            f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)")
-    print(f"# Bi-WKV4 benchmark on {name}; torch {torch.__version__}; dtype {args.dtype}")
-    if not gpu:
-        print("No GPU: only the CPU paths (torch scan, naive) are timed; the Triton kernels are "
-              "timed only on a GPU (run bench/gpu_check.sh there).")
-    print()
-    print("| method | C | B | T | fwd ms | fwd GB/s | fwd+bwd ms | fwd+bwd GB/s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for C in Cs:
-        for B, T in shapes:
-            g = torch.Generator().manual_seed(0)
-            w = ((torch.rand(C, generator=g) * 2 - 1) * 5.0 / T).to(dev, dtype)
-            u = (torch.randn(C, generator=g) / T).to(dev, dtype)
-            k = torch.randn(B, T, C, generator=g).to(dev, dtype)
-            v = torch.randn(B, T, C, generator=g).to(dev, dtype)
-            gy = torch.randn(B, T, C, generator=g).to(dev, dtype)
-            for m in methods:
-                if m == "naive" and T > naive_max_T:
-                    continue
-                f = {"triton": lambda *a: biwkv4(*a, backend="triton"),
-                     "torch-scan": biwkv4_scan, "naive": biwkv4_naive}[m]
-                params = [x.clone().requires_grad_() for x in (w, u, k, v)]
-
-                def fwd():
-                    with torch.no_grad():
-                        return f(*params)
-
-                def fb():
-                    y = f(*params)
-                    torch.autograd.grad(y, params, gy)
-                # naive fwd+bwd keeps B*T*T*C logits alive: skip it past 2^31 elements
-                skip_bwd = m == "naive" and B * T * T * C > 2**31
-                try:
-                    t_f = timeit(fwd, dev)
-                    t_fb = float("nan") if skip_bwd else timeit(fb, dev)
-                except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
-                    if "out of memory" not in str(e).lower():
-                        raise
-                    torch.cuda.empty_cache()
-                    print(f"| {m} | {C} | {B} | {T} | OOM | | | |")
-                    continue
-                print(f"| {m} | {C} | {B} | {T} | {t_f:.3f} | "
-                      f"{nbytes(B, T, C, dtype, False) / t_f / 1e6:.2f} | {t_fb:.3f} | "
-                      f"{nbytes(B, T, C, dtype, True) / t_fb / 1e6:.2f} |", flush=True)
-            if gpu:
-                torch.cuda.empty_cache()
+        cpu_main(args, dtype)
 
 
 if __name__ == "__main__":

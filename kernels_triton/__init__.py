@@ -2,10 +2,12 @@
 
 Public API::
 
-    biwkv4(w, u, k, v, *, backend="auto", strategy=None) -> y
+    biwkv4(w, u, k, v, *, backend="auto", strategy=None, chunk=None) -> y
 
-See :func:`kernels_triton.biwkv4.biwkv4` for the formula, shapes and dtypes.
+The implementation lives in :mod:`kernels_triton.ops` (formerly ``kernels_triton.biwkv4``,
+renamed so the function ``kernels_triton.biwkv4`` no longer shadows a submodule of the same
+name); see :func:`kernels_triton.ops.biwkv4` for the formula, shapes and dtypes.
 """
-from .biwkv4 import biwkv4, BiWKV4Function, biwkv4_reference, shape_only_selection
+from .ops import BiWKV4Function, biwkv4, biwkv4_reference, shape_only_selection
 
-__all__ = ["biwkv4", "BiWKV4Function", "biwkv4_reference", "shape_only_selection"]
+__all__ = ["BiWKV4Function", "biwkv4", "biwkv4_reference", "shape_only_selection"]

@@ -37,30 +37,39 @@ def _cuobjdump() -> str:
 
 def _signatures(in_dt: str):
     """(kernel name, signature, extra constexprs) for every kernel and variant."""
+    import triton.language as tl
+
     acc = "fp64" if in_dt == "fp64" else "fp32"
-    p_in, p_acc, p_w = f"*{in_dt}", f"*{acc}", f"*{in_dt}"
+    ACC = tl.float64 if in_dt == "fp64" else tl.float32
+    p_in, p_acc, p64 = f"*{in_dt}", f"*{acc}", "*fp64"
+    p_y = p_acc if in_dt in ("bf16", "fp16") else p_in   # y as the backward reads it
     ints = {"B": "i32", "T": "i32", "C": "i32", "NT": "i32", "CHUNK": "i32"}
+    tile = {"ACC": "constexpr", "BT": "constexpr", "BLOCK_C": "constexpr"}
     out = []
-    out.append(("fwd_summary", {"k_ptr": p_in, "v_ptr": p_in, "w_ptr": p_w, "s_ptr": p_acc,
-                                **ints, "BLOCK_C": "constexpr"}, {}))
-    out.append(("fwd_carry", {"w_ptr": p_w, "s_ptr": p_acc, "c_ptr": p_acc, **ints,
-                              "BLOCK_C": "constexpr"}, {}))
+    out.append(("fwd_summary", {"k_ptr": p_in, "v_ptr": p_in, "w_ptr": p_in, "s_ptr": p64,
+                                **ints, **tile}, {"ACC": ACC}))
+    out.append(("fwd_carry", {"w_ptr": p_in, "s_ptr": p64, "c_ptr": p64, **ints,
+                              "NB": "constexpr", "BLOCK_C": "constexpr"}, {}))
     for carry in (False, True):
-        out.append(("fwd", {"k_ptr": p_in, "v_ptr": p_in, "w_ptr": p_w, "u_ptr": p_w,
-                            "y_ptr": p_acc, "logd_ptr": p_acc, "c_ptr": p_acc, **ints,
-                            "HAS_CARRY": "constexpr", "BLOCK_C": "constexpr"},
-                    {"HAS_CARRY": carry}))
-    out.append(("bwd_summary", {"k_ptr": p_in, "v_ptr": p_in, "w_ptr": p_w, "y_ptr": p_acc,
-                                "logd_ptr": p_acc, "gy_ptr": p_in, "s_ptr": p_acc, **ints,
-                                "BLOCK_C": "constexpr"}, {}))
-    out.append(("bwd_carry", {"w_ptr": p_w, "s_ptr": p_acc, "c_ptr": p_acc, **ints,
-                              "BLOCK_C": "constexpr"}, {}))
+        for store_ld in (False, True):
+            store_ya = store_ld and in_dt in ("bf16", "fp16")
+            out.append(("fwd", {"k_ptr": p_in, "v_ptr": p_in, "w_ptr": p_in, "u_ptr": p_in,
+                                "y_ptr": p_in, "logd_ptr": p_acc, "ya_ptr": p_acc if store_ya else p_in,
+                                "c_ptr": p64, "sc_ptr": p64, **ints, "SPC": "i32",
+                                "HAS_CARRY": "constexpr", "STORE_LD": "constexpr",
+                                "STORE_YA": "constexpr", **tile},
+                        {"HAS_CARRY": carry, "STORE_LD": store_ld, "STORE_YA": store_ya, "ACC": ACC}))
+    out.append(("bwd_summary", {"k_ptr": p_in, "v_ptr": p_in, "w_ptr": p_in, "u_ptr": p_in,
+                                "y_ptr": p_y, "logd_ptr": p_acc, "gy_ptr": p_in, "s_ptr": p64,
+                                **ints, **tile}, {"ACC": ACC}))
+    out.append(("bwd_carry", {"w_ptr": p_in, "s_ptr": p64, "c_ptr": p64, **ints,
+                              "NB": "constexpr", "BLOCK_C": "constexpr"}, {}))
     for carry in (False, True):
-        out.append(("bwd", {"k_ptr": p_in, "v_ptr": p_in, "w_ptr": p_w, "u_ptr": p_w,
-                            "y_ptr": p_acc, "logd_ptr": p_acc, "gy_ptr": p_in, "gk_ptr": p_acc,
-                            "gv_ptr": p_acc, "gwp_ptr": p_acc, "gup_ptr": p_acc, "c_ptr": p_acc,
-                            **ints, "HAS_CARRY": "constexpr", "BLOCK_C": "constexpr"},
-                    {"HAS_CARRY": carry}))
+        out.append(("bwd", {"k_ptr": p_in, "v_ptr": p_in, "w_ptr": p_in, "u_ptr": p_in,
+                            "y_ptr": p_y, "logd_ptr": p_acc, "gy_ptr": p_in, "gk_ptr": p_in,
+                            "gv_ptr": p_in, "gwp_ptr": p64, "gup_ptr": p64, "c_ptr": p64,
+                            "sc_ptr": p64, **ints, "SPC": "i32", "HAS_CARRY": "constexpr", **tile},
+                    {"HAS_CARRY": carry, "ACC": ACC}))
     return out
 
 
@@ -95,9 +104,8 @@ def main(argv=None) -> int:
     archs = [int(a) for a in args.archs.split(",") if a]
     dtypes = [d for d in args.dtypes.split(",") if d]
     wanted = set(args.kernels.split(","))
-    configs = K.CONFIGS[: args.max_configs] if args.max_configs else K.CONFIGS
     print(f"triton {triton.__version__}; cuobjdump {tool}")
-    print("| kernel | variant | dtype | sm | BLOCK_C | warps | regs | shared B | stack B | spill (LOCAL) B | s |")
+    print("| kernel | variant | dtype | sm | config | warps | regs | shared B | stack B | spill (LOCAL) B | s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     failures, spills, n = [], [], 0
     for dt in dtypes:
@@ -105,8 +113,10 @@ def main(argv=None) -> int:
             if name not in wanted:
                 continue
             fn = K.KERNELS[name].fn  # the JITFunction under the Autotuner
-            variant = ",".join(f"{k}={v}" for k, v in extra.items()) or "-"
+            variant = ",".join(f"{k}={int(v)}" for k, v in extra.items() if k != "ACC") or "-"
+            configs = K.CONFIGS[name][: args.max_configs] if args.max_configs else K.CONFIGS[name]
             for cfg in configs:
+                cname = "/".join(f"{k}{v}" for k, v in cfg.kwargs.items())
                 for arch in archs:
                     const = {**extra, **cfg.kwargs}
                     t0 = time.time()
@@ -118,13 +128,13 @@ def main(argv=None) -> int:
                         res = _resource_usage(ck.asm["cubin"], tool)
                     except Exception as e:  # report and keep going
                         failures.append(f"{name}[{variant}] {dt} sm_{arch} {cfg}: {type(e).__name__}: {e}")
-                        print(f"| {name} | {variant} | {dt} | {arch} | {cfg.kwargs.get('BLOCK_C')} | "
+                        print(f"| {name} | {variant} | {dt} | {arch} | {cname} | "
                               f"{cfg.num_warps} | FAILED | | | | |")
                         continue
                     n += 1
                     if res["LOCAL"] is None or res["LOCAL"] > 0:
                         spills.append(f"{name}[{variant}] {dt} sm_{arch} {cfg}: LOCAL={res['LOCAL']}")
-                    print(f"| {name} | {variant} | {dt} | {arch} | {cfg.kwargs.get('BLOCK_C')} | "
+                    print(f"| {name} | {variant} | {dt} | {arch} | {cname} | "
                           f"{cfg.num_warps} | {res['REG']} | {res['SHARED']} | {res['STACK']} | "
                           f"{res['LOCAL']} | {time.time() - t0:.1f} |", flush=True)
     print(f"\ncompiled {n} kernel variants, {len(failures)} failures, {len(spills)} with spills")

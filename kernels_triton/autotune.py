@@ -5,12 +5,12 @@
                                       [--json ~/.cache/hpcm_triton/biwkv4_autotune.json]
 
 On a GPU: for every (C, T, B, dtype) times forward and forward+backward of the "sequential"
-strategy and of the "chunked" strategy at each chunk length (< T); the BLOCK_C / num_warps
-config of each kernel is picked by triton.autotune (keyed on C and dtypes, never T or B) and
-reported. Prints a markdown table (shape, strategy, chunk, chosen fwd/bwd configs, times,
+strategy and of the "chunked" strategy at each chunk length (< T); the BT / BLOCK_C / warps /
+stages config of each kernel is picked by triton.autotune (keyed on C, the dtypes and the
+constexpr flags, never T or B) and reported. Prints a markdown table (shape, strategy, chunk, chosen fwd/bwd configs, times,
 achieved GB/s against the bytes that must move: k, v read and y written for the forward, plus
 gy read and gk, gv written for the backward) and writes the fastest strategy/chunk per shape
-to the JSON, which kernels_triton.biwkv4.choose_strategy reads (nearest B, T entry of the same
+to the JSON, which kernels_triton.ops.choose_strategy reads (nearest B, T entry of the same
 device, C and dtype).
 
 Without a GPU: says so, checks the kernels under Triton's interpreter at small shapes against
@@ -33,7 +33,7 @@ if not torch.cuda.is_available():
 
 from reference import biwkv4_naive  # noqa: E402
 
-from .biwkv4 import DEFAULT_TUNE_PATH, biwkv4, device_name  # noqa: E402
+from .ops import DEFAULT_TUNE_PATH, biwkv4, device_name  # noqa: E402
 
 _DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
@@ -107,7 +107,8 @@ def _best_config(kernel):
     cfg = getattr(kernel, "best_config", None)
     if cfg is None:
         return "-"
-    return f"C{cfg.kwargs.get('BLOCK_C')}w{cfg.num_warps}"
+    return ("/".join(f"{k}{v}" for k, v in cfg.kwargs.items())
+            + f"/w{cfg.num_warps}/s{cfg.num_stages}")
 
 
 def main(argv=None) -> int:
@@ -148,13 +149,17 @@ def main(argv=None) -> int:
                     for strategy, chunk in cands:
                         try:
                             params = [x.clone().requires_grad_() for x in ins]
-                            run = lambda: biwkv4(*params, backend="triton", strategy=strategy, chunk=chunk)
 
-                            def fwd():
+                            # loop values bound as defaults (the closures outlive the iteration)
+                            def run(params=params, strategy=strategy, chunk=chunk):
+                                return biwkv4(*params, backend="triton", strategy=strategy,
+                                              chunk=chunk)
+
+                            def fwd(run=run):
                                 with torch.no_grad():
                                     run()
 
-                            def fb():
+                            def fb(run=run, params=params, gy=gy):
                                 torch.autograd.grad(run(), params, gy)
                             fb()  # triggers triton.autotune for every kernel
                             t_f = triton.testing.do_bench(fwd, warmup=5, rep=args.rep)

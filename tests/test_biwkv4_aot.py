@@ -20,25 +20,26 @@ def _has_nvidia_backend():
 
 @pytest.mark.skipif(not _has_nvidia_backend(), reason="triton wheel without the NVIDIA backend")
 def test_aot_compiles_all_kernels_without_spills():
-    # reduced set to keep CI short: two configs, fp32 and bf16, both targets, every kernel
+    # reduced set to keep CI short: the fixed (first) config of every kernel and variant,
+    # fp32 and bf16, sm_90 (the full report: python -m kernels_triton.aot)
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "HPCM_BIWKV4_AUTOTUNE")}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     r = subprocess.run([sys.executable, "-m", "kernels_triton.aot", "--dtypes", "fp32,bf16",
-                        "--max-configs", "2", "--archs", "80,90"],
-                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+                        "--max-configs", "1", "--archs", "90"],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = [ln for ln in r.stdout.splitlines()
             if ln.startswith("| ") and not ln.startswith("| kernel")]
-    # 8 kernel variants x 2 dtypes x 2 configs x 2 archs
-    assert len(rows) == 64, r.stdout
+    # 10 kernel variants (fwd: HAS_CARRY x STORE_LD, bwd: HAS_CARRY) x 2 dtypes
+    assert len(rows) == 20, r.stdout
     kernels = set()
     for ln in rows:
         cells = [c.strip() for c in ln.strip("|").split("|")]
         kernels.add(cells[0])
-        regs, spill = int(cells[6]), int(cells[9])
-        assert 0 < regs <= 255 and spill == 0, ln
+        regs, smem, spill = int(cells[6]), int(cells[7]), int(cells[9])
+        assert 0 < regs <= 255 and spill == 0 and smem >= 0, ln
     assert kernels == {"fwd_summary", "fwd_carry", "fwd", "bwd_summary", "bwd_carry", "bwd"}
-    assert re.search(r"compiled 64 kernel variants, 0 failures, 0 with spills", r.stdout)
+    assert re.search(r"compiled 20 kernel variants, 0 failures, 0 with spills", r.stdout)
 
 
 def test_autotune_cli(tmp_path):
