@@ -257,6 +257,13 @@ def _scratch_slots(chunk):
     return -(-chunk // _kernels().BT_MIN)
 
 
+def _slot_scratch(planes, B, NT, SPC, C, dev):
+    """float64 states per scratch slot when a chunk spans several slots; else a placeholder."""
+    if SPC > 1:
+        return _alloc((planes, B, NT * SPC, C), torch.float64, dev)
+    return _alloc((1,), torch.float64, dev)
+
+
 def _forward(w, u, k, v, strategy, chunk, need_ld):
     """y (in k's dtype) and, if need_ld, the float32/64 log-denominator."""
     B, T, C = k.shape
@@ -267,13 +274,9 @@ def _forward(w, u, k, v, strategy, chunk, need_ld):
     y = _alloc((B, T, C), k.dtype, dev)
     logd = _alloc((B, T, C), acc, dev) if need_ld else _alloc((1,), acc, dev)
     SPC = _scratch_slots(chunk)
-    if SPC > 1:
-        sc = _alloc((3, B, NT * SPC, C), torch.float64, dev)
-    else:
-        sc = _alloc((1,), torch.float64, dev)
+    sc = _slot_scratch(3, B, NT, SPC, C, dev)
     if NT > 1:
-        s = _alloc((6, B, NT, C), torch.float64, dev)
-        c = _alloc((6, B, NT, C), torch.float64, dev)
+        s, c = _alloc((6, B, NT, C), torch.float64, dev), _alloc((6, B, NT, C), torch.float64, dev)
         _launch("fwd_summary", lambda m: (B, triton_cdiv(C, m["BLOCK_C"]), NT),
                 k, v, w, s, B, T, C, NT, chunk, ACC=ACC)
         _launch("fwd_carry", lambda m: (B, triton_cdiv(C, m["BLOCK_C"])),
@@ -298,13 +301,9 @@ def _backward(w, u, k, v, y, logd, gy, chunk, NT):
     gwp = _alloc((B, NT, C), torch.float64, dev)   # float64 partial sums of gw, gu
     gup = _alloc((B, NT, C), torch.float64, dev)
     SPC = _scratch_slots(chunk)
-    if SPC > 1:
-        sc = _alloc((8, B, NT * SPC, C), torch.float64, dev)
-    else:
-        sc = _alloc((1,), torch.float64, dev)
+    sc = _slot_scratch(8, B, NT, SPC, C, dev)
     if NT > 1:
-        s = _alloc((16, B, NT, C), torch.float64, dev)
-        c = _alloc((16, B, NT, C), torch.float64, dev)
+        s, c = _alloc((16, B, NT, C), torch.float64, dev), _alloc((16, B, NT, C), torch.float64, dev)
         _launch("bwd_summary", lambda m: (B, triton_cdiv(C, m["BLOCK_C"]), NT),
                 k, v, w, u, y, logd, gy, s, B, T, C, NT, chunk, ACC=ACC)
         _launch("bwd_carry", lambda m: (B, triton_cdiv(C, m["BLOCK_C"])),
