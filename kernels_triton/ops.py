@@ -57,21 +57,26 @@ DEFAULT_TUNE_PATH = Path(os.environ.get(
 
 
 @contextlib.contextmanager
-def poison_outputs(enabled: bool = True):
-    """Test hook: kernel outputs and scratch are allocated NaN-filled instead of empty, so an
-    element a kernel fails to write shows up as NaN. Also enabled by HPCM_TRITON_NAN_POISON=1."""
-    global _POISON
-    old, _POISON = _POISON, enabled
+def _module_setting(name: str, value):
+    """Set the module global ``name`` to ``value`` for the block, then restore it (the one
+    mechanism behind this module's test/selection hooks)."""
+    g = globals()
+    old, g[name] = g[name], value
     try:
         yield
     finally:
-        _POISON = old
+        g[name] = old
+
+
+def poison_outputs(enabled: bool = True):
+    """Test hook: kernel outputs and scratch are allocated NaN-filled instead of empty, so an
+    element a kernel fails to write shows up as NaN. Also enabled by HPCM_TRITON_NAN_POISON=1."""
+    return _module_setting("_POISON", enabled)
 
 
 _SHAPE_ONLY = False
 
 
-@contextlib.contextmanager
 def shape_only_selection(enabled: bool = True):
     """Kernel choice from the shapes (and dtype) alone: strategy and chunk by the heuristic
     (the autotune JSON is not read) and every kernel launched with its fixed config (the first
@@ -84,12 +89,7 @@ def shape_only_selection(enabled: bool = True):
     same kind of device (GPU model / SM count: the heuristic reads the SM count; compiled code
     differs per architecture), the same torch and triton versions (code generation, libdevice)
     and the same version of this library (its configs and heuristic)."""
-    global _SHAPE_ONLY
-    old, _SHAPE_ONLY = _SHAPE_ONLY, enabled
-    try:
-        yield
-    finally:
-        _SHAPE_ONLY = old
+    return _module_setting("_SHAPE_ONLY", enabled)
 
 
 def _alloc(shape, dtype, device):
@@ -220,30 +220,18 @@ _FIXED = False
 _OVERRIDE: dict = {}
 
 
-@contextlib.contextmanager
 def tile_config(**meta):
     """Test/benchmark hook: launch every kernel with its fixed config, with the given
     meta-parameters (BT, BLOCK_C, NB) replacing the config's where the kernel has them."""
-    global _OVERRIDE
     if "BT" in meta and meta["BT"] < _kernels().BT_MIN:
         raise ValueError(f"BT must be >= {_kernels().BT_MIN}")
-    old, _OVERRIDE = _OVERRIDE, dict(meta)
-    try:
-        yield
-    finally:
-        _OVERRIDE = old
+    return _module_setting("_OVERRIDE", dict(meta))
 
 
-@contextlib.contextmanager
 def fixed_configs(enabled: bool = True):
     """Launch every kernel with its fixed config (the one shape_only_selection uses) while
     keeping the strategy/JSON logic: for tests and for comparing against autotuned runs."""
-    global _FIXED
-    old, _FIXED = _FIXED, enabled
-    try:
-        yield
-    finally:
-        _FIXED = old
+    return _module_setting("_FIXED", enabled)
 
 
 def _plan(T, strategy, chunk):
