@@ -15,7 +15,9 @@ measured copy bandwidth, over the measured time (the targets: >= 50 % forward, >
 forward+backward at the 4K shape and at B = 16, T = 4096, C = 640). Nothing asserts time.
 
 Without a GPU: the traffic model of each strategy (bytes, launches) and the CPU time of the
-PyTorch scan (reference.biwkv4_scan) at sizes two cores can do. Prints markdown tables.
+two CPU backends (the C kernels "cpu" and the PyTorch scan "torch") at sizes two cores can do;
+bench/bench_biwkv4_cpu.py compares them with a floor measured in the same run. Prints markdown
+tables.
 """
 from __future__ import annotations
 
@@ -30,7 +32,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kernels_triton import biwkv4  # noqa: E402
 from kernels_triton.ops import choose_strategy, traffic  # noqa: E402
-from reference import biwkv4_scan  # noqa: E402
 
 _DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FLOOR_FWD, FLOOR_FB = 12, 32      # fp32 bytes per element: k, v, y / + gy, gk, gv, y, (k, v)
@@ -146,21 +147,22 @@ def cpu_main(args, dtype):
                 print(f"| {C} | {B} | {T} | {strategy}{mark} | {chunk} | {tr['fwd_bytes_per_elem']:.1f} | "
                       f"{tr['fwd_launches']} | {tr['fwdbwd_bytes_per_elem']:.1f} | "
                       f"{tr['fwdbwd_launches']} |")
-    print("\nCPU path (reference.biwkv4_scan, float64 inside):\n")
-    print("| C | B | T | fwd ms | fwd+bwd ms |")
-    print("|---|---|---|---|---|")
+    print(f"\nCPU backends ({torch.get_num_threads()} threads; cpu: C kernels, torch: PyTorch scan):\n")
+    print("| backend | C | B | T | fwd ms | fwd+bwd ms |")
+    print("|---|---|---|---|---|---|")
     for C in [int(c) for c in args.C.split(",")]:
         for B, T in [(1, 64), (1, 256), (1, 2160)][: 2 if args.quick else 3]:
             w, u, k, v, gy = inputs(B, T, C, dtype, cpu)
             params = [x.clone().requires_grad_() for x in (w, u, k, v)]
+            for backend in ("cpu", "torch"):
+                def fwd(params=params, backend=backend):
+                    with torch.no_grad():
+                        biwkv4(*params, backend=backend)
 
-            def fwd(params=params):
-                with torch.no_grad():
-                    biwkv4_scan(*params)
-
-            def fb(params=params, gy=gy):
-                torch.autograd.grad(biwkv4_scan(*params), params, gy)
-            print(f"| {C} | {B} | {T} | {timeit(fwd, cpu, args.rep):.2f} | {timeit(fb, cpu, args.rep):.2f} |")
+                def fb(params=params, gy=gy, backend=backend):
+                    torch.autograd.grad(biwkv4(*params, backend=backend), params, gy)
+                print(f"| {backend} | {C} | {B} | {T} | {timeit(fwd, cpu, args.rep):.2f} | "
+                      f"{timeit(fb, cpu, args.rep):.2f} |")
 
 
 def main(argv=None):

@@ -1,7 +1,9 @@
-"""CPU benchmark of the models' Bi-WKV4 path (reference.biwkv4_scan) against a floor measured
-in the same run.
+"""CPU benchmark of the Bi-WKV4 CPU paths against a floor measured in the same run: the
+compiled C kernels (kernels_cpu.biwkv4_cpu, backend "cpu", the models' CPU path) and the
+pure-PyTorch scan (reference.biwkv4_scan, backend "torch", the fallback).
 
     python bench/bench_biwkv4_cpu.py [--threads 2] [--shapes 1x4096x640,1x2160x640] [--repeats 7]
+        [--method cpu,torch]
 
 The floor is one fused pass that reads k and v and writes y: ``torch.addcmul(k, k, v, out=y)``
 into a preallocated tensor (the least any operator of this shape must move). Each repeat
@@ -10,7 +12,8 @@ calls, so a repeat is one sample of the machine's current load), and reports the
 that repeat's floor; the table gives the medians over repeats. On a shared machine read the
 ratios, not the milliseconds; ``--clock cpu`` times CPU seconds instead of wall seconds.
 ``--method old`` times the previous float64 autograd scan if a
-copy of it is importable as ``bench_old_scan`` (kept out of the package).
+copy of it is importable as ``bench_old_scan`` (kept out of the package). The C kernels are
+compiled before timing (the first use on a machine builds them).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from kernels_cpu import biwkv4_cpu  # noqa: E402
 from reference import biwkv4_scan  # noqa: E402
 
 _DT = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -95,7 +99,8 @@ def main(argv=None):
     ap.add_argument("--dtype", default="fp32", choices=sorted(_DT))
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--inner", type=int, default=3, help="calls per sample (best of)")
-    ap.add_argument("--method", default="scan", choices=["scan", "old"])
+    ap.add_argument("--method", default="cpu,torch",
+                    help="comma-separated: cpu (C kernels), torch (PyTorch scan), old")
     ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                     help="wall: perf_counter; cpu: process CPU time (all threads summed), which "
                          "other processes' load barely disturbs")
@@ -103,20 +108,25 @@ def main(argv=None):
     global CLOCK
     CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
     torch.set_num_threads(args.threads)
-    if args.method == "old":
-        from bench_old_scan import biwkv4_scan as fn  # a copy of the previous implementation
-    else:
-        fn = biwkv4_scan
+    fns = {}
+    for m in args.method.split(","):
+        if m == "old":
+            from bench_old_scan import biwkv4_scan as fn  # a copy of the previous implementation
+        elif m in ("cpu", "torch"):
+            fn = biwkv4_cpu if m == "cpu" else biwkv4_scan
+        else:
+            ap.error(f"unknown method {m!r}")
+        fns[m] = fn
     dtype = _DT[args.dtype]
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads; torch {torch.__version__}; "
           f"method {args.method}; dtype {args.dtype}; {args.clock} clock; median of {args.repeats} repeats, "
           f"each the best of {args.inner} calls\n")
     print("| method | B | T | C | floor ms | fwd ms | fwd / floor | fwd+bwd ms | fwd+bwd / floor |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for s in args.shapes.split(","):
-        B, T, C = (int(x) for x in s.split("x"))
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    for (B, T, C), (method, fn) in ((shape, m) for shape in shapes for m in fns.items()):
         r = bench_shape(fn, B, T, C, dtype, args.repeats, args.inner)
-        print(f"| {args.method} | {B} | {T} | {C} | {r['floor_ms']:.2f} | {r['fwd_ms']:.2f} | "
+        print(f"| {method} | {B} | {T} | {C} | {r['floor_ms']:.2f} | {r['fwd_ms']:.2f} | "
               f"{r['fwd_x']:.1f} ({r['fwd_x_spread'][0]:.1f}–{r['fwd_x_spread'][1]:.1f}) | "
               f"{r['fwdbwd_ms']:.2f} | {r['fwdbwd_x']:.1f} "
               f"({r['fwdbwd_x_spread'][0]:.1f}–{r['fwdbwd_x_spread'][1]:.1f}) |", flush=True)

@@ -171,7 +171,8 @@ def weights_fingerprint(model) -> bytes:
 
 # ---------------------------------------------------------------- encoding
 def _env_bytes(env: dict) -> bytes:
-    items = [f"{k}={env[k]}" for k in ("device", "cpu", "gpu", "torch", "compressai") if env.get(k) is not None]
+    items = [f"{k}={env[k]}" for k in ("device", "cpu", "gpu", "biwkv4", "torch", "compressai")
+             if env.get(k) is not None]
     raw = ";".join(i.replace(";", ",") for i in items).encode("ascii", "replace")
     return raw[:255]
 
@@ -214,7 +215,7 @@ def to_bytes(model_name: str, model, compressed: dict) -> bytes:
     zh, zw = (int(v) for v in compressed["shape"])
     H, W = (int(v) for v in (compressed.get("image_size") or (64 * zh, 64 * zw)))
     threads = compressed.get("threads") or torch.get_num_threads()
-    env = environment(next(model.parameters()).device, threads)
+    env = environment(next(model.parameters()).device, threads, model)
     overrides = json.dumps(config_overrides(name, model.config), separators=(",", ":"), sort_keys=True).encode()
     if len(overrides) > 0xFFFF:
         raise ValueError("config overrides too large for the header")
@@ -397,7 +398,7 @@ def decompress(info: dict, model):
         return model.decompress(info["strings"], info["shape"], image_size=info["image_size"],
                                 threads=info.get("threads"))["x_hat"]
     except ParameterMismatchError as e:
-        here = environment(next(model.parameters()).device, info.get("threads"))
+        here = environment(next(model.parameters()).device, info.get("threads"), model)
         diff = differences(info.get("encoder") or {}, here)
         if diff:
             why = ("this machine computes different floats than the encoder's (" + "; ".join(diff) + "): a learned "

@@ -507,6 +507,20 @@ def _exit_on_signals() -> None:
     threading.Thread(target=wait, name="hpcm-signals", daemon=True).start()
 
 
+def _announce_kernel_builds() -> None:
+    """The first Bi-WKV4 call on a machine compiles the CPU kernels (several seconds, once):
+    say so on stderr rather than pause silently."""
+    import logging
+
+    log = logging.getLogger("kernels_cpu")
+    if not any(getattr(h, "_hpcm", False) for h in log.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+        h._hpcm = True
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line. Called without ``argv`` (as the program), interrupts end the process
     directly (see :func:`_exit_on_signals`); called with ``argv`` (tests, scripts), Ctrl-C
@@ -521,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         check = PRECHECKS.get(args.command)
         if check is not None:
             check(args)
+        _announce_kernel_builds()
         return args.func(args)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

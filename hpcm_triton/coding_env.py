@@ -11,6 +11,9 @@ both sides run
   so the coding path runs with the thread count the encoder used, recorded in the file;
   on GPU, kernels chosen by shape alone (``kernels_triton.shape_only_selection``), never by
   timing,
+* the same Bi-WKV4 backend: on CPU the compiled C kernels (``kernels_cpu``) and the
+  pure-PyTorch scan round differently, and "auto" falls back to the latter where no C compiler
+  is found; the backend is recorded like the rest,
 * the same device kind and model (CPU instruction set, GPU) and the same torch / oneDNN
   build: these cannot be changed by the decoder, so they are recorded in the file and named
   in the error when a decode meets a mismatch.
@@ -23,8 +26,21 @@ import functools
 MAX_THREADS = 256  # a file asking for more is refused (a header must not make us start 10⁵ threads)
 
 
-def environment(device=None, threads: int | None = None) -> dict:
-    """The facts about this process that decide the coding path's float rounding."""
+def biwkv4_backends(model, device) -> str | None:
+    """The Bi-WKV4 backend(s) ``model``'s RWKV modules run on ``device`` ("cpu", "torch",
+    "triton"; several joined by "+"), or None for a model without them (HPCM-Base/Large)."""
+    wanted = sorted({m.backend for m in model.modules()
+                     if type(m).__name__ == "SpatialMix" and hasattr(m, "backend")})
+    if not wanted:
+        return None
+    from kernels_triton.ops import resolve_backend
+
+    return "+".join(sorted({resolve_backend(device, b) for b in wanted}))
+
+
+def environment(device=None, threads: int | None = None, model=None) -> dict:
+    """The facts about this process that decide the coding path's float rounding (with
+    ``model``: also the Bi-WKV4 backend its RWKV modules use)."""
     import torch
 
     dev = torch.device(device if device is not None else "cpu")
@@ -36,6 +52,10 @@ def environment(device=None, threads: int | None = None) -> dict:
         env["cpu"] = "unknown"
     if dev.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(dev)
+    if model is not None:
+        scan = biwkv4_backends(model, dev)
+        if scan:
+            env["biwkv4"] = scan
     try:
         from importlib.metadata import version
 
@@ -47,12 +67,14 @@ def environment(device=None, threads: int | None = None) -> dict:
 
 def describe(env: dict) -> str:
     dev = env.get("gpu") or f"CPU ({env.get('cpu', '?')}, {env.get('threads', '?')} threads)"
-    return f"{env.get('device', '?')} {dev}, torch {env.get('torch', '?')}, compressai {env.get('compressai', '?')}"
+    scan = f", Bi-WKV4 {env['biwkv4']}" if env.get("biwkv4") else ""
+    return (f"{env.get('device', '?')} {dev}{scan}, torch {env.get('torch', '?')}, "
+            f"compressai {env.get('compressai', '?')}")
 
 
 def differences(file_env: dict, here: dict) -> list[str]:
     """The recorded facts that differ between the encoder (``file_env``) and this decoder."""
-    keys = ("device", "gpu", "cpu", "torch", "compressai")
+    keys = ("device", "gpu", "cpu", "biwkv4", "torch", "compressai")
     return [f"{k}: file {file_env.get(k)!r}, here {here.get(k)!r}" for k in keys
             if k in file_env and file_env.get(k) != here.get(k)]
 

@@ -8,6 +8,6 @@ The implementation lives in :mod:`kernels_triton.ops` (formerly ``kernels_triton
 renamed so the function ``kernels_triton.biwkv4`` no longer shadows a submodule of the same
 name); see :func:`kernels_triton.ops.biwkv4` for the formula, shapes and dtypes.
 """
-from .ops import BiWKV4Function, biwkv4, biwkv4_reference, shape_only_selection
+from .ops import BiWKV4Function, biwkv4, biwkv4_reference, resolve_backend, shape_only_selection
 
-__all__ = ["BiWKV4Function", "biwkv4", "biwkv4_reference", "shape_only_selection"]
+__all__ = ["BiWKV4Function", "biwkv4", "biwkv4_reference", "resolve_backend", "shape_only_selection"]

@@ -11,7 +11,10 @@ computed exactly in O(T) with two exclusive decayed scans in log space
 
 Backends: "triton" (CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 was set before the
 kernel module kernels_triton._kernels was imported; it is imported lazily at the first Triton
-call), "torch" (:func:`reference.biwkv4_scan`), "auto" (triton on CUDA tensors, torch otherwise).
+call), "cpu" (the compiled C kernels of :mod:`kernels_cpu`, CPU tensors), "torch" (the
+pure-PyTorch scan :func:`reference.biwkv4_scan`), "auto" (triton on CUDA tensors; on CPU
+tensors "cpu" when its kernels build on this machine, else "torch" with one warning).
+:func:`resolve_backend` tells which one "auto" picks.
 
 Kernels (kernels_triton/_kernels.py): tiles of BT tokens x BLOCK_C channels, in-register
 anchored cumsum scans, float64 carries between tiles and chunks (fp32 error independent of T),
@@ -44,9 +47,9 @@ import torch
 from reference.biwkv4 import biwkv4_scan as biwkv4_reference
 
 __all__ = ["biwkv4", "BiWKV4Function", "biwkv4_reference", "poison_outputs", "choose_strategy",
-           "shape_only_selection"]
+           "shape_only_selection", "resolve_backend"]
 
-_BACKENDS = ("auto", "torch", "triton")
+_BACKENDS = ("auto", "cpu", "torch", "triton")
 _STRATEGIES = (None, "sequential", "chunked")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -366,6 +369,32 @@ class BiWKV4Function(torch.autograd.Function):
         return gw.to(w.dtype), gu.to(u.dtype), gk, gv, None, None, None
 
 
+_WARNED_FALLBACK = False
+
+
+def resolve_backend(device, backend: str = "auto") -> str:
+    """The backend ``biwkv4(..., backend=backend)`` runs on tensors of ``device``: "auto" is
+    "triton" on CUDA, else "cpu" when the C kernels are available, else "torch" (warning once
+    with the reason). The models' bitstreams record it: the backends round differently."""
+    global _WARNED_FALLBACK
+    if backend != "auto":
+        return backend
+    if torch.device(device).type == "cuda":
+        return "triton"
+    import kernels_cpu
+
+    if kernels_cpu.available():
+        return "cpu"
+    if not _WARNED_FALLBACK:
+        _WARNED_FALLBACK = True
+        import warnings
+
+        warnings.warn("Bi-WKV4: the compiled CPU kernels are unavailable, using the slower "
+                      f"pure-PyTorch scan ({kernels_cpu.unavailable_reason()})", RuntimeWarning,
+                      stacklevel=3)
+    return "torch"
+
+
 def biwkv4(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
            backend: str = "auto", strategy: str | None = None, chunk: int | None = None
            ) -> torch.Tensor:
@@ -375,7 +404,7 @@ def biwkv4(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     Args:
         w, u: (C,) decay and bonus (any sign; LALIC passes decay/T and boost/T).
         k, v: (B, T, C), B, T, C >= 1, contiguous or strided.
-        backend: "auto" | "triton" | "torch".
+        backend: "auto" | "triton" | "cpu" | "torch" (see :func:`resolve_backend`).
         strategy: None (heuristic / autotune JSON) | "sequential" | "chunked" (Triton only).
         chunk: tokens per chunk for the chunked strategy (default: heuristic).
     Returns:
@@ -385,6 +414,7 @@ def biwkv4(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     Raises:
         ValueError: wrong shapes/ndim/dtypes/devices, unknown backend or strategy.
         RuntimeError: backend="triton" on CPU tensors without TRITON_INTERPRET=1.
+        kernels_cpu.CPUKernelUnavailable: backend="cpu" where the C kernels do not build.
     """
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
@@ -393,10 +423,13 @@ def biwkv4(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
     _validate(w, u, k, v)
-    if backend == "auto":
-        backend = "triton" if k.is_cuda else "torch"
+    backend = resolve_backend(k.device, backend)
     if backend == "torch":
         return biwkv4_reference(w, u, k, v)
+    if backend == "cpu":
+        from kernels_cpu import biwkv4_cpu
+
+        return biwkv4_cpu(w, u, k, v)
     if not k.is_cuda and not _kernels().INTERPRET:  # fixed when the kernels were imported
         raise RuntimeError(
             "biwkv4(backend='triton') got CPU tensors, but Triton kernels need a CUDA device. "

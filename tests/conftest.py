@@ -7,6 +7,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Build the CPU kernels once up front (cached per machine), so that no test -- and no CLI
+# subprocess whose output a test reads -- pays for or prints the first build.
+import kernels_cpu  # noqa: E402
+
+kernels_cpu.available()
+
 
 @pytest.fixture(scope="module")
 def one_thread():

@@ -1,8 +1,17 @@
-"""Tests of the pure-PyTorch Bi-WKV4 references (reference.biwkv4_naive / biwkv4_scan)."""
+"""Tests of the two O(T) CPU paths of Bi-WKV4 against the O(T^2) softmax form
+(reference.biwkv4_naive) and against float64: the pure-PyTorch scan (reference.biwkv4_scan,
+backend "torch") and the compiled C kernels (kernels_cpu.biwkv4_cpu, backend "cpu"), each test
+run on both (the ``scan`` fixture)."""
 import pytest
 import torch
 
+from kernels_cpu import biwkv4_cpu
 from reference import biwkv4_naive, biwkv4_scan
+
+
+@pytest.fixture(params=[biwkv4_scan, biwkv4_cpu], ids=["torch", "cpu"])
+def scan(request):
+    return request.param
 
 
 def make_inputs(B, T, C, w_scale, k_scale=60.0, u_scale=3.0, dtype=torch.float64, seed=0):
@@ -28,38 +37,38 @@ SHAPES = [(1, 1, 3), (2, 2, 3), (2, 15, 5), (1, 33, 4), (2, 257, 3), (1, 1000, 2
 
 @pytest.mark.parametrize("B,T,C", SHAPES)
 @pytest.mark.parametrize("w_scale", [0.0, 1.0, 30.0, 1000.0])
-def test_scan_matches_naive_fp64(B, T, C, w_scale):
+def test_scan_matches_naive_fp64(B, T, C, w_scale, scan):
     w, u, k, v = make_inputs(B, T, C, w_scale, seed=B * 1000 + T + int(w_scale))
     y_n = biwkv4_naive(w, u, k, v)
-    y_s = biwkv4_scan(w, u, k, v)
+    y_s = scan(w, u, k, v)
     assert torch.isfinite(y_s).all()
     assert max_rel(y_s, y_n) < 1e-10
 
 
 @pytest.mark.parametrize("B,T,C,w_scale", [(2, 9, 3, 100.0), (1, 33, 2, 1000.0), (2, 70, 2, 1.0)])
-def test_scan_gradients_match_naive_fp64(B, T, C, w_scale):
+def test_scan_gradients_match_naive_fp64(B, T, C, w_scale, scan):
     ins = [x.requires_grad_() for x in make_inputs(B, T, C, w_scale, seed=7)]
     gy = torch.randn(B, T, C, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     g_n = torch.autograd.grad(biwkv4_naive(*ins), ins, gy)
-    g_s = torch.autograd.grad(biwkv4_scan(*ins), ins, gy)
+    g_s = torch.autograd.grad(scan(*ins), ins, gy)
     for name, a, b in zip("wukv", g_s, g_n):
         assert torch.isfinite(a).all(), name
         assert max_rel(a, b) < 1e-10, name
 
 
 @pytest.mark.parametrize("B,T,C,w_scale", [(2, 7, 2, 30.0), (1, 20, 2, 1000.0), (1, 70, 1, 2.0)])
-def test_scan_gradcheck(B, T, C, w_scale):
+def test_scan_gradcheck(B, T, C, w_scale, scan):
     ins = [x.requires_grad_() for x in make_inputs(B, T, C, w_scale, k_scale=5.0, seed=3)]
-    assert torch.autograd.gradcheck(biwkv4_scan, ins)
+    assert torch.autograd.gradcheck(scan, ins)
 
 
-def test_analytic_cases():
+def test_analytic_cases(scan):
     g = torch.Generator().manual_seed(0)
     v = torch.randn(2, 6, 3, generator=g, dtype=torch.float64)
     z = torch.zeros(3, dtype=torch.float64)
     k0 = torch.zeros_like(v)
     # w = u = 0, k = 0: uniform softmax, y_t = mean_i v_i
-    for f in (biwkv4_naive, biwkv4_scan):
+    for f in (biwkv4_naive, scan):
         y = f(z, z, k0, v)
         torch.testing.assert_close(y, v.mean(1, keepdim=True).expand_as(v), rtol=1e-12, atol=1e-12)
         # T = 1: y = v
@@ -73,15 +82,15 @@ def test_analytic_cases():
     p1 = torch.softmax(torch.tensor([0.2, 0.7 - 0.5], dtype=torch.float64), 0)
     want = torch.tensor([[[p0[0] * 1.5 - p0[1] * 2.0], [p1[0] * 1.5 - p1[1] * 2.0]]],
                         dtype=torch.float64)
-    for f in (biwkv4_naive, biwkv4_scan):
+    for f in (biwkv4_naive, scan):
         torch.testing.assert_close(f(w, u, k, vv), want, rtol=1e-14, atol=1e-14)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_dtypes_and_extremes_finite(dtype):
+def test_dtypes_and_extremes_finite(dtype, scan):
     w, u, k, v = make_inputs(2, 257, 4, 1000.0, seed=11)
     ins = [x.to(dtype).requires_grad_() for x in (w, u, k, v)]
-    y = biwkv4_scan(*ins)
+    y = scan(*ins)
     assert y.dtype == dtype
     assert torch.isfinite(y).all()
     grads = torch.autograd.grad(y.float().square().sum(), ins)
@@ -91,17 +100,17 @@ def test_dtypes_and_extremes_finite(dtype):
     assert max_rel(y.double(), y_ref) < tol
 
 
-def test_bad_shapes_raise():
+def test_bad_shapes_raise(scan):
     w, u, k, v = make_inputs(1, 4, 3, 1.0)
     with pytest.raises(ValueError, match="w must have shape"):
-        biwkv4_scan(w[:2], u, k, v)
+        scan(w[:2], u, k, v)
     with pytest.raises(ValueError, match="v must have"):
         biwkv4_naive(w, u, k, v[:, :2])
     with pytest.raises(ValueError, match="k must have shape"):
-        biwkv4_scan(w, u, k[0], v[0])
+        scan(w, u, k[0], v[0])
 
 
-def test_scan_long_sequence_fp32():
+def test_scan_long_sequence_fp32(scan):
     """The models' CPU path: C = 640, T = 2160 (4K image, scale s1) in fp32."""
     g = torch.Generator().manual_seed(5)
     T, C = 2160, 640
@@ -109,7 +118,7 @@ def test_scan_long_sequence_fp32():
     u = torch.randn(C, generator=g) / T
     k = torch.randn(1, T, C, generator=g)
     v = torch.randn(1, T, C, generator=g)
-    y = biwkv4_scan(w, u, k, v)
+    y = scan(w, u, k, v)
     assert y.shape == (1, T, C) and y.dtype == torch.float32 and torch.isfinite(y).all()
     # spot-check 8 query rows against the direct softmax
     t = torch.tensor([0, 1, 500, 1079, 1080, 2000, 2158, 2159])
@@ -169,7 +178,7 @@ FP32_CASES = [(34560, 1.0, None), (34560, 5.0, None), (4096, 3.0, None), (4096, 
 
 
 @pytest.mark.parametrize("T,k_std,k_max", FP32_CASES)
-def test_fp32_accuracy_long_T(T, k_std, k_max):
+def test_fp32_accuracy_long_T(T, k_std, k_max, scan):
     """y and the four gradients in float32 within relative RMS 1e-5 (gw 1e-4) of float64, at
     the 4K-frame length T = 34560 and at T = 4096; y also against an independent float64
     recurrence."""
@@ -178,7 +187,7 @@ def test_fp32_accuracy_long_T(T, k_std, k_max):
     res = {}
     for dt in (torch.float32, torch.float64):
         ins = [x.to(dt).requires_grad_() for x in (w, u, k, v)]
-        y = biwkv4_scan(*ins)
+        y = scan(*ins)
         assert y.dtype == dt
         res[dt] = [y] + list(torch.autograd.grad(y, ins, gy.to(dt)))
     y64 = res[torch.float64][0]
@@ -189,7 +198,7 @@ def test_fp32_accuracy_long_T(T, k_std, k_max):
 
 
 @pytest.mark.parametrize("w_scale", [1000.0, -1000.0, 3.0])
-def test_fp32_extremes_match_fp64(w_scale):
+def test_fp32_extremes_match_fp64(w_scale, scan):
     """w*T = +-1e3 and |k| = 60 in float32: finite, and y, gk, gv close to float64."""
     w, u, k, v = make_inputs(2, 300, 4, abs(w_scale), k_scale=60.0, seed=int(w_scale) % 97)
     w = w.abs() * (1 if w_scale > 0 else -1)
@@ -197,7 +206,7 @@ def test_fp32_extremes_match_fp64(w_scale):
     out = {}
     for dt in (torch.float32, torch.float64):
         ins = [x.to(dt).requires_grad_() for x in (w, u, k, v)]
-        y = biwkv4_scan(*ins)
+        y = scan(*ins)
         out[dt] = [y] + list(torch.autograd.grad(y, ins, gy.to(dt)))
         assert all(torch.isfinite(t).all() for t in out[dt])
     assert max_rel(out[torch.float64][0], biwkv4_naive(w, u, k, v)) < 1e-10
@@ -206,14 +215,14 @@ def test_fp32_extremes_match_fp64(w_scale):
             assert rel_rms(a, b) < 1e-5, (name, rel_rms(a, b))
 
 
-def _fwd_bwd(ins, gy):
+def _fwd_bwd(scan, ins, gy):
     ins = [x.detach().clone().requires_grad_() for x in ins]
-    y = biwkv4_scan(*ins)
+    y = scan(*ins)
     return [y] + list(torch.autograd.grad(y, ins, gy))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_bitwise_identical_across_thread_counts_and_runs(dtype):
+def test_bitwise_identical_across_thread_counts_and_runs(dtype, scan):
     """Encoder and decoder may run with different torch.set_num_threads: y and all gradients
     are bitwise identical for 1, 2 and 3 threads, and from run to run. Sizes large enough that
     every op, also the per-position steps over all chunks (B * N * 2 * C > 32768, ATen's grain
@@ -226,9 +235,9 @@ def test_bitwise_identical_across_thread_counts_and_runs(dtype):
         outs = {}
         for nt in (1, 2, 3):
             torch.set_num_threads(nt)
-            outs[nt] = _fwd_bwd(ins, gy)
+            outs[nt] = _fwd_bwd(scan, ins, gy)
             assert torch.get_num_threads() == nt     # the thread count is restored
-        again = _fwd_bwd(ins, gy)
+        again = _fwd_bwd(scan, ins, gy)
     finally:
         torch.set_num_threads(before)
     for nt in (2, 3):
@@ -238,14 +247,14 @@ def test_bitwise_identical_across_thread_counts_and_runs(dtype):
         assert torch.equal(a, b), name
 
 
-def test_checkpointing_gives_identical_gradients():
+def test_checkpointing_gives_identical_gradients(scan):
     """The models wrap RWKV modules in torch.utils.checkpoint (non-reentrant)."""
     from torch.utils.checkpoint import checkpoint
     w, u, k, v = make_inputs(2, 130, 8, 5.0, k_scale=3.0, dtype=torch.float32, seed=8)
     proj = torch.randn(8, 8, generator=torch.Generator().manual_seed(9))
 
     def f(w, u, k, v):
-        return biwkv4_scan(w, u, k @ proj, v).square()
+        return scan(w, u, k @ proj, v).square()
 
     grads = []
     for ck in (False, True):
@@ -258,11 +267,11 @@ def test_checkpointing_gives_identical_gradients():
 
 
 @pytest.mark.parametrize("B,T,C", [(1, 1, 1), (3, 2, 1), (1, 5, 2), (2, 65, 3)])
-def test_small_and_odd_shapes_fp32(B, T, C):
+def test_small_and_odd_shapes_fp32(B, T, C, scan):
     """Any B, T >= 1, C >= 1 (T not a multiple of the chunk): float32 against float64 naive."""
     w, u, k, v = make_inputs(B, T, C, 4.0, k_scale=8.0, seed=B + T + C)
     ins = [x.float().requires_grad_() for x in (w, u, k, v)]
-    y = biwkv4_scan(*ins)
+    y = scan(*ins)
     gy = torch.randn(B, T, C, generator=torch.Generator().manual_seed(3))
     g = torch.autograd.grad(y, ins, gy)
     ins64 = [x.detach().double().requires_grad_() for x in ins]
