@@ -154,6 +154,46 @@ static inline void d_renorm(dblk *a, dblk *pn, dblk *pd)
 }
 
 
+/* The common step of every carry update: a carry anchored at *a, decayed by Lw = Ln w, meets a
+ * chunk anchored at anc; the new anchor is the larger of the two, f1 and f2 (<= 1) bring the
+ * old carry and the chunk into it. */
+static inline void d_anchor(dblk *a, dblk Lw, dblk anc, dblk *f1, dblk *f2)
+{
+    dblk a2;
+    VEC(NVD, a2, vmax_f64(E(*a) - E(Lw), E(anc)));
+    VEC(NVD, *f1, E(*a) - E(Lw) - E(a2));
+    VEC(NVD, *f2, E(anc) - E(a2));
+    *f1 = d_exp(*f1);
+    *f2 = d_exp(*f2);
+    *a = a2;
+}
+
+/* Advances a forward carry over a chunk of Ln tokens: a (anchor) with pn, pd (numerator,
+ * denominator in units e^{a}) becomes the old carry decayed by e^{-Ln w} plus the chunk's own
+ * totals tn, td (units e^{m}), anchored at the larger of the two and renormalised. */
+static inline void d_carry_fwd(dblk *a, dblk *pn, dblk *pd, dblk Lw, dblk m, dblk tn, dblk td)
+{
+    dblk f1, f2;
+    d_anchor(a, Lw, m, &f1, &f2);
+    VEC(NVD, *pn, E(*pn) * E(f1) + E(tn) * E(f2));
+    VEC(NVD, *pd, E(*pd) * E(f1) + E(td) * E(f2));
+    d_renorm(a, pn, pd);
+}
+
+/* The same for a backward carry: anchor c; Es = (E_q, E_r) decayed sums of q and r, Ds the
+ * same weighted by the distance exponent; the chunk's totals e, d in units e^{anc}. Over Ln
+ * tokens the old distances grow by Ln: D <- e^{-Ln w} (D + Ln E) + d. */
+static inline void d_carry_bwd(dblk *c, dblk Es[2], dblk Ds[2], double Ln, dblk Lw, dblk anc,
+                               const dblk e[2], const dblk d[2])
+{
+    dblk f1, f2;
+    d_anchor(c, Lw, anc, &f1, &f2);
+    for (int i = 0; i < 2; i++) {
+        VEC(NVD, Ds[i], (E(Ds[i]) + Ln * E(Es[i])) * E(f1) + E(d[i]) * E(f2));
+        VEC(NVD, Es[i], E(Es[i]) * E(f1) + E(e[i]) * E(f2));
+    }
+}
+
 /* One call's arguments (pointers typed by the instantiation that reads them). */
 typedef struct {
     const void *w, *u, *k, *v, *y, *gy;
@@ -217,15 +257,7 @@ static int run_threads(const job_t *job, void (*run)(const job_t *, int, int *))
 #define VEXP vexp_f32
 #define VMAX vmax_f32
 #define BUDGET 16.0
-#include "biwkv4_impl.h"
-#undef R
-#undef SFX
-#undef VR
-#undef VRU
-#undef VL
-#undef VEXP
-#undef VMAX
-#undef BUDGET
+#include "biwkv4_impl.h"   /* #undefs these parameters at its end */
 
 #define R double
 #define SFX f64
@@ -235,15 +267,7 @@ static int run_threads(const job_t *job, void (*run)(const job_t *, int, int *))
 #define VEXP vexp_f64
 #define VMAX vmax_f64
 #define BUDGET 256.0
-#include "biwkv4_impl.h"
-#undef R
-#undef SFX
-#undef VR
-#undef VRU
-#undef VL
-#undef VEXP
-#undef VMAX
-#undef BUDGET
+#include "biwkv4_impl.h"   /* #undefs these parameters at its end */
 
 /* version of the C interface; kernels_cpu/_build.py checks it */
 int biwkv4_cpu_abi(void) { return 1; }

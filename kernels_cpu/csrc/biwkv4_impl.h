@@ -149,7 +149,7 @@ FN(fwd_block)(const job_t *J, int64_t b, int64_t c0, const int nl, dblk *carry, 
             VEC(NV, rn, E(rn) * E(dec) + E(Xn[j]));
             VEC(NV, rd, E(rd) * E(dec) + E(Xd[j]));
         }
-        dblk m64 = TOD(m), Lw, a2, f1, f2;
+        dblk m64 = TOD(m), Lw;
         cs[0] = a;
         cs[1] = Pn;
         cs[2] = Pd;
@@ -157,16 +157,7 @@ FN(fwd_block)(const job_t *J, int64_t b, int64_t c0, const int nl, dblk *carry, 
         cs[4] = TOD(rn);
         cs[5] = TOD(rd);
         VEC(NVD, Lw, (double)Ln * E(w64));
-        VEC(NVD, a2, vmax_f64(E(a) - E(Lw), E(m64)));
-        VEC(NVD, f1, E(a) - E(Lw) - E(a2));
-        VEC(NVD, f2, E(m64) - E(a2));
-        f1 = d_exp(f1);
-        f2 = d_exp(f2);
-        dblk tn64 = TOD(tn), td64 = TOD(td);
-        VEC(NVD, Pn, E(Pn) * E(f1) + E(tn64) * E(f2));
-        VEC(NVD, Pd, E(Pd) * E(f1) + E(td64) * E(f2));
-        a = a2;
-        d_renorm(&a, &Pn, &Pd);
+        d_carry_fwd(&a, &Pn, &Pd, Lw, m64, TOD(tn), TOD(td));
     }
 
     /* pass 2, right to left: y, with the right carry built as it goes */
@@ -219,17 +210,9 @@ FN(fwd_block)(const job_t *J, int64_t b, int64_t c0, const int nl, dblk *carry, 
         }
         /* the chunk enters the right carry with its own-unit totals from pass 1: in units U_n
          * its terms may underflow where they are negligible here but dominant further left */
-        dblk Lw, b2, f1, f2;
+        dblk Lw;
         VEC(NVD, Lw, (double)Ln * E(w64));
-        VEC(NVD, b2, vmax_f64(E(bq) - E(Lw), E(cs[3])));
-        VEC(NVD, f1, E(bq) - E(Lw) - E(b2));
-        VEC(NVD, f2, E(cs[3]) - E(b2));
-        f1 = d_exp(f1);
-        f2 = d_exp(f2);
-        VEC(NVD, Qn, E(Qn) * E(f1) + E(cs[4]) * E(f2));
-        VEC(NVD, Qd, E(Qd) * E(f1) + E(cs[5]) * E(f2));
-        bq = b2;
-        d_renorm(&bq, &Qn, &Qd);
+        d_carry_fwd(&bq, &Qn, &Qd, Lw, cs[3], cs[4], cs[5]);
     }
 }
 
@@ -257,7 +240,7 @@ FN(bwd_block)(const job_t *J, int64_t b, int64_t c0, const int nl, dblk *carry, 
     rblk *bEq = buf, *bEr = buf + L, *bZq = buf + 2 * L, *bZr = buf + 3 * L, *bX = buf + 4 * L;
 
     /* pass 1, left to right: left carries of z in units e^{-U_n} */
-    dblk c = d_bc(NEG_ANCHOR), Eq = d_bc(0.0), Er = Eq, Dq = Eq, Dr = Eq;
+    dblk c = d_bc(NEG_ANCHOR), EL[2] = {d_bc(0.0), d_bc(0.0)}, DL[2] = {d_bc(0.0), d_bc(0.0)};
     for (int64_t n = 0; n < N; n++) {
         const int64_t t0 = n * L, Ln = (T - t0) < L ? (T - t0) : L;
         dblk *cs = carry + n * 5;
@@ -278,28 +261,19 @@ FN(bwd_block)(const job_t *J, int64_t b, int64_t c0, const int nl, dblk *carry, 
             VEC(NV, er, E(er) * E(dec) + E(zr));
         }
         cs[0] = c;
-        cs[1] = Eq;
-        cs[2] = Er;
-        cs[3] = Dq;
-        cs[4] = Dr;
-        dblk negU = TOD(FN(r_ld)(unit + n * C, nl, (R)0)), Lw, c2, f1, f2;
-        dblk eq64 = TOD(eq), er64 = TOD(er), dq64 = TOD(dq), dr64 = TOD(dr);
+        cs[1] = EL[0];
+        cs[2] = EL[1];
+        cs[3] = DL[0];
+        cs[4] = DL[1];
+        dblk negU = TOD(FN(r_ld)(unit + n * C, nl, (R)0)), Lw;
+        const dblk e[2] = {TOD(eq), TOD(er)}, d[2] = {TOD(dq), TOD(dr)};
         VEC(NVD, negU, -E(negU));
         VEC(NVD, Lw, (double)Ln * E(w64));
-        VEC(NVD, c2, vmax_f64(E(c) - E(Lw), E(negU)));
-        VEC(NVD, f1, E(c) - E(Lw) - E(c2));
-        VEC(NVD, f2, E(negU) - E(c2));
-        f1 = d_exp(f1);
-        f2 = d_exp(f2);
-        VEC(NVD, Dq, (E(Dq) + (double)Ln * E(Eq)) * E(f1) + E(dq64) * E(f2));
-        VEC(NVD, Dr, (E(Dr) + (double)Ln * E(Er)) * E(f1) + E(dr64) * E(f2));
-        VEC(NVD, Eq, E(Eq) * E(f1) + E(eq64) * E(f2));
-        VEC(NVD, Er, E(Er) * E(f1) + E(er64) * E(f2));
-        c = c2;
+        d_carry_bwd(&c, EL, DL, (double)Ln, Lw, negU, e, d);
     }
 
     /* pass 2, right to left: gk, gv and the gw, gu sums */
-    dblk cr = d_bc(NEG_ANCHOR), ERq = d_bc(0.0), ERr = ERq, DRq = ERq, DRr = ERq;
+    dblk cr = d_bc(NEG_ANCHOR), ER[2] = {d_bc(0.0), d_bc(0.0)}, DR[2] = {d_bc(0.0), d_bc(0.0)};
     dblk accw = d_bc(0.0), accu = d_bc(0.0);
     for (int64_t n = N - 1; n >= 0; n--) {
         const int64_t t0 = n * L, Ln = (T - t0) < L ? (T - t0) : L;
@@ -320,10 +294,10 @@ FN(bwd_block)(const job_t *J, int64_t b, int64_t c0, const int nl, dblk *carry, 
         VEC(NVD, t[1], E(cs[2]) * E(fl));
         VEC(NVD, t[2], E(cs[3]) * E(fl));
         VEC(NVD, t[3], E(cs[4]) * E(fl));
-        VEC(NVD, t[4], E(ERq) * E(fr));
-        VEC(NVD, t[5], E(ERr) * E(fr));
-        VEC(NVD, t[6], E(DRq) * E(fr));
-        VEC(NVD, t[7], E(DRr) * E(fr));
+        VEC(NVD, t[4], E(ER[0]) * E(fr));
+        VEC(NVD, t[5], E(ER[1]) * E(fr));
+        VEC(NVD, t[6], E(DR[0]) * E(fr));
+        VEC(NVD, t[7], E(DR[1]) * E(fr));
         rblk eq = TOR(t[0]), er = TOR(t[1]), dq = TOR(t[2]), dr = TOR(t[3]);
         rblk rq = TOR(t[4]), rr = TOR(t[5]), sq = TOR(t[6]), sr = TOR(t[7]);
         rblk tq = ZERO, tr = ZERO, uq = ZERO, ur = ZERO, aw = ZERO, au = ZERO;
@@ -373,21 +347,12 @@ FN(bwd_block)(const job_t *J, int64_t b, int64_t c0, const int nl, dblk *carry, 
             VEC(NV, tq, E(tq) * E(dec) + E(z0));
             VEC(NV, tr, E(tr) * E(dec) + E(zr0));
         }
-        dblk aw64 = TOD(aw), au64 = TOD(au), uq64 = TOD(uq), ur64 = TOD(ur), tq64 = TOD(tq),
-             tr64 = TOD(tr), Lw, c2, f1, f2;
+        dblk aw64 = TOD(aw), au64 = TOD(au), Lw;
+        const dblk e[2] = {TOD(tq), TOD(tr)}, d[2] = {TOD(uq), TOD(ur)};
         VEC(NVD, accw, E(accw) + E(aw64));
         VEC(NVD, accu, E(accu) + E(au64));
         VEC(NVD, Lw, (double)Ln * E(w64));
-        VEC(NVD, c2, vmax_f64(E(cr) - E(Lw), E(negU)));
-        VEC(NVD, f1, E(cr) - E(Lw) - E(c2));
-        VEC(NVD, f2, E(negU) - E(c2));
-        f1 = d_exp(f1);
-        f2 = d_exp(f2);
-        VEC(NVD, DRq, (E(DRq) + (double)Ln * E(ERq)) * E(f1) + E(uq64) * E(f2));
-        VEC(NVD, DRr, (E(DRr) + (double)Ln * E(ERr)) * E(f1) + E(ur64) * E(f2));
-        VEC(NVD, ERq, E(ERq) * E(f1) + E(tq64) * E(f2));
-        VEC(NVD, ERr, E(ERr) * E(f1) + E(tr64) * E(f2));
-        cr = c2;
+        d_carry_bwd(&cr, ER, DR, (double)Ln, Lw, negU, e, d);
     }
     double gw[CB], gu[CB];
     VEC(NVD, accw, -E(accw));
@@ -483,3 +448,11 @@ int FN(biwkv4_bwd)(const R *w, const R *u, const R *k, const R *v, const R *y, c
 #undef CAT_
 #undef CAT
 #undef FN
+#undef R
+#undef SFX
+#undef VR
+#undef VRU
+#undef VL
+#undef VEXP
+#undef VMAX
+#undef BUDGET
