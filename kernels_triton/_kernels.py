@@ -63,23 +63,32 @@ def _cfg(bt, bc, warps, stages=1, **kw):
 if INTERPRET:   # numpy cost is per op, not per element: wide blocks, few programs
     FWD_CONFIGS = [_cfg(64, 64, 4)]
     BWD_CONFIGS = [_cfg(64, 64, 4)]
-    SUM_CONFIGS = [_cfg(64, 64, 4)]
+    FWD_SUM_CONFIGS = [_cfg(64, 64, 4)]
+    BWD_SUM_CONFIGS = [_cfg(64, 64, 4)]
     CARRY_CONFIGS = [triton.Config({"NB": 16, "BLOCK_C": 64}, num_warps=4)]
 else:
     # first entry = the fixed config (shape_only_selection, HPCM_BIWKV4_AUTOTUNE=0). The tiles
-    # are register blocks: about 8 fp32 elements per thread per tensor (fwd), 2-4 (bwd) keep
-    # ptxas below 255 registers without a stack frame (python -m kernels_triton.aot).
-    FWD_CONFIGS = [_cfg(32, 32, 8, 2), _cfg(32, 32, 4, 2), _cfg(64, 32, 8, 2), _cfg(32, 64, 8, 2),
-                   _cfg(16, 64, 4, 2)]
-    BWD_CONFIGS = [_cfg(16, 16, 4, 2), _cfg(16, 32, 8, 2), _cfg(32, 16, 8, 2), _cfg(16, 16, 2, 2)]
-    SUM_CONFIGS = [_cfg(32, 32, 4, 2), _cfg(64, 32, 8, 2), _cfg(64, 64, 8, 2), _cfg(32, 64, 4, 2)]
+    # are register blocks; every config below compiles without a stack frame (no spills) for
+    # fp32/bf16/fp16/fp64 on sm_80 and sm_90 (python -m kernels_triton.aot, 2026-11-30). That
+    # takes 4 elements per thread per tensor at 8 warps (fwd, bwd summary) and 1-2 (bwd).
+    # Measured and dropped for a stack frame (BTxBLOCK_C/warps, bytes): fwd 32x32/4 (8-152),
+    # 64x32/8 (8-160), 32x64/8 (8-152), 16x64/4 (8-152); bwd 16x32/8 (8-16), 32x16/8 (8-16),
+    # 16x16/2 (8-472); bwd summary 32x32/4 (8-24, sm_80), 64x32/8 (8, fp64 sm_80), 64x64/8 and
+    # 32x64/4 (464-584, fp64); fwd summary 64x32/8 (24, fp64 sm_90). Tried, spill, not added:
+    # fwd 16x32/4, 32x16/4; bwd 16x32/4, 32x16/4, 32x32/8; bwd summary 16x32/4, 32x16/4,
+    # 32x64/8 (1 stage instead of 2 changed nothing for bwd and bwd summary).
+    FWD_CONFIGS = [_cfg(32, 32, 8, 2), _cfg(16, 64, 8, 2), _cfg(64, 16, 8, 2)]
+    BWD_CONFIGS = [_cfg(16, 16, 4, 2), _cfg(16, 16, 8, 2)]
+    FWD_SUM_CONFIGS = [_cfg(32, 32, 4, 2), _cfg(64, 64, 8, 2), _cfg(32, 64, 4, 2)]
+    BWD_SUM_CONFIGS = [_cfg(32, 32, 8, 2), _cfg(16, 64, 8, 2), _cfg(64, 16, 8, 2)]
     CARRY_CONFIGS = [triton.Config({"NB": 16, "BLOCK_C": 16}, num_warps=4),
                      triton.Config({"NB": 8, "BLOCK_C": 32}, num_warps=4),
                      triton.Config({"NB": 32, "BLOCK_C": 16}, num_warps=8)]
 if SINGLE_CONFIG:
     FWD_CONFIGS, BWD_CONFIGS = FWD_CONFIGS[:1], BWD_CONFIGS[:1]
-    SUM_CONFIGS, CARRY_CONFIGS = SUM_CONFIGS[:1], CARRY_CONFIGS[:1]
-for _c in FWD_CONFIGS + BWD_CONFIGS + SUM_CONFIGS:
+    FWD_SUM_CONFIGS, BWD_SUM_CONFIGS = FWD_SUM_CONFIGS[:1], BWD_SUM_CONFIGS[:1]
+    CARRY_CONFIGS = CARRY_CONFIGS[:1]
+for _c in FWD_CONFIGS + BWD_CONFIGS + FWD_SUM_CONFIGS + BWD_SUM_CONFIGS:
     assert _c.kwargs["BT"] >= BT_MIN
 
 # Device helpers. Under the interpreter every call of a @triton.jit helper re-patches
@@ -315,7 +324,7 @@ def _program(B, T, C, NT, CHUNK, BT: tl.constexpr, BLOCK_C: tl.constexpr):
     return pid_b, pid_n, cols, cmask, start, L, so, st, r
 
 
-@triton.autotune(configs=SUM_CONFIGS, key=KEY)
+@triton.autotune(configs=FWD_SUM_CONFIGS, key=KEY)
 @triton.jit(do_not_specialize=["T", "NT", "CHUNK"])
 def biwkv4_fwd_summary_kernel(k_ptr, v_ptr, w_ptr, s_ptr, B, T, C, NT, CHUNK,
                               ACC: tl.constexpr, BT: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -713,7 +722,7 @@ def _bwd_tile(k_ptr, v_ptr, y_ptr, ld_ptr, gy_ptr, off, C, valid, n, rf, w, w64,
     return GK, GV, gw_t, gu_t, lo, lpn, lpd, ldn, ldd, log_, lg1, lg2
 
 
-@triton.autotune(configs=SUM_CONFIGS, key=KEY)
+@triton.autotune(configs=BWD_SUM_CONFIGS, key=KEY)
 @triton.jit(do_not_specialize=["T", "NT", "CHUNK"])
 def biwkv4_bwd_summary_kernel(k_ptr, v_ptr, w_ptr, u_ptr, y_ptr, logd_ptr, gy_ptr, s_ptr,
                               B, T, C, NT, CHUNK, ACC: tl.constexpr, BT: tl.constexpr,
@@ -926,6 +935,6 @@ KERNELS = {
     "bwd": biwkv4_bwd_kernel,
 }
 CONFIGS = {
-    "fwd_summary": SUM_CONFIGS, "fwd_carry": CARRY_CONFIGS, "fwd": FWD_CONFIGS,
-    "bwd_summary": SUM_CONFIGS, "bwd_carry": CARRY_CONFIGS, "bwd": BWD_CONFIGS,
+    "fwd_summary": FWD_SUM_CONFIGS, "fwd_carry": CARRY_CONFIGS, "fwd": FWD_CONFIGS,
+    "bwd_summary": BWD_SUM_CONFIGS, "bwd_carry": CARRY_CONFIGS, "bwd": BWD_CONFIGS,
 }
