@@ -200,36 +200,30 @@ def _rows(start, i, L, r, cmask, C, BT: tl.constexpr):
 
 # ----------------------------------------------------------------------------- forward
 @helper
-def _fwd_right_total(k_ptr, v_ptr, off, valid, n, rf, w, w64, LT, ro, rpn, rpd, ACC: tl.constexpr):
-    """Advance the right carry (seen from the tile's last row) over the whole tile."""
+def _fwd_total(k_ptr, v_ptr, off, valid, n, rf, w, w64, LT, o, pn, pd, ACC: tl.constexpr,
+               LEFT: tl.constexpr):
+    """Advance a carry over the whole tile: the left carry (LEFT, seen from the tile's first
+    row; sub-passes left to right) or the right carry (seen from its last row; right to left)."""
     k = tl.load(k_ptr + off, mask=valid, other=0.0).to(ACC)
     v = tl.load(v_ptr + off, mask=valid, other=0.0).to(ACC)
     nsp = tl.cdiv(n, LT)
     for sp in range(0, nsp):
-        s = (nsp - 1 - sp) * LT
+        if LEFT:
+            s = sp * LT
+        else:
+            s = (nsp - 1 - sp) * LT
         e = tl.minimum(s + LT, n)
         act = valid & (rf >= s) & (rf < e)
-        m, sn, sd = _tot(k, v, 1.0, act, rf - s, -w)
-        ro, rpn, rpd = _cat3(ro, rpn, rpd, (e - s).to(tl.float64), m.to(tl.float64),
-                             sn.to(tl.float64), sd.to(tl.float64), w64)
-    return ro, rpn, rpd
-
-
-@helper
-def _fwd_left_total(k_ptr, v_ptr, off, valid, n, rf, w, w64, LT, lo, lpn, lpd, ACC: tl.constexpr):
-    """Advance the left carry (seen from the tile's first row) over the whole tile."""
-    k = tl.load(k_ptr + off, mask=valid, other=0.0).to(ACC)
-    v = tl.load(v_ptr + off, mask=valid, other=0.0).to(ACC)
-    nsp = tl.cdiv(n, LT)
-    for sp in range(0, nsp):
-        s = sp * LT
-        e = tl.minimum(s + LT, n)
-        act = valid & (rf >= s) & (rf < e)
-        m, sn, sd = _tot(k, v, 1.0, act, rf - s, w)
-        d = (e - s).to(tl.float64)
-        lo, lpn, lpd = _cat3(lo, lpn, lpd, d, m.to(tl.float64) - (d - 1) * w64,
-                             sn.to(tl.float64), sd.to(tl.float64), w64)
-    return lo, lpn, lpd
+        if LEFT:
+            m, sn, sd = _tot(k, v, 1.0, act, rf - s, w)
+            d = (e - s).to(tl.float64)
+            mo = m.to(tl.float64) - (d - 1) * w64
+        else:
+            m, sn, sd = _tot(k, v, 1.0, act, rf - s, -w)
+            d = (e - s).to(tl.float64)
+            mo = m.to(tl.float64)
+        o, pn, pd = _cat3(o, pn, pd, d, mo, sn.to(tl.float64), sd.to(tl.float64), w64)
+    return o, pn, pd
 
 
 @helper
@@ -342,10 +336,12 @@ def biwkv4_fwd_summary_kernel(k_ptr, v_ptr, w_ptr, s_ptr, B, T, C, NT, CHUNK,
     for i in range(0, tl.cdiv(L, BT)):
         t0, n, valid = _rows(start, i, L, r, cmask, C, BT)
         off = (pid_b * T + t0 + r) * C + cols[None, :]
-        lo, lpn, lpd = _fwd_left_total(k_ptr, v_ptr, off, valid, n, rf, w, w64, LT, lo, lpn, lpd, ACC)
+        lo, lpn, lpd = _fwd_total(k_ptr, v_ptr, off, valid, n, rf, w, w64, LT, lo, lpn, lpd, ACC,
+                                   True)
         # this tile is farther than everything summed so far (t0 - start tokens) from start - 1
         eo, epn = _empty(w64)
-        to, tpn, tpd = _fwd_right_total(k_ptr, v_ptr, off, valid, n, rf, w, w64, LT, eo, epn, epn, ACC)
+        to, tpn, tpd = _fwd_total(k_ptr, v_ptr, off, valid, n, rf, w, w64, LT, eo, epn, epn, ACC,
+                                   False)
         ro, rpn, rpd = _cat3(to, tpn, tpd, (t0 - start).to(tl.float64), ro, rpn, rpd, w64)
     tl.store(s_ptr + so, lo, mask=cmask)
     tl.store(s_ptr + st + so, lpn, mask=cmask)
@@ -502,7 +498,8 @@ def biwkv4_fwd_kernel(k_ptr, v_ptr, w_ptr, u_ptr, y_ptr, logd_ptr, ya_ptr, c_ptr
         tl.store(sc_ptr + 2 * sst + sso, rpd, mask=cmask)
         t0, n, valid = _rows(start, i, L, r, cmask, C, BT)
         off = (pid_b * T + t0 + r) * C + cols[None, :]
-        ro, rpn, rpd = _fwd_right_total(k_ptr, v_ptr, off, valid, n, rf, w, w64, LT, ro, rpn, rpd, ACC)
+        ro, rpn, rpd = _fwd_total(k_ptr, v_ptr, off, valid, n, rf, w, w64, LT, ro, rpn, rpd, ACC,
+                                   False)
     # pass 2 reads what pass 1 parked in scratch
     tl.debug_barrier()
     for i in range(0, ntile):
