@@ -557,33 +557,21 @@ def _bwd_totals(k, v, y, ld, gy, act, rs, w, w64, s, e, LEFT: tl.constexpr):
 
 
 @helper
-def _bwd_right_total(k_ptr, v_ptr, y_ptr, ld_ptr, gy_ptr, off, valid, n, rf, w, w64, u, LT,
-                     o, pn, pd, dn, dd, og, g1, g2, ACC: tl.constexpr):
+def _bwd_total(k_ptr, v_ptr, y_ptr, ld_ptr, gy_ptr, off, valid, n, rf, w, w64, u, LT,
+               o, pn, pd, dn, dd, og, g1, g2, ACC: tl.constexpr, LEFT: tl.constexpr):
+    """Advance the backward state (F5, Q3) over the whole tile: the left one (LEFT, seen from
+    the tile's first row; sub-passes left to right) or the right one (right to left)."""
     k, v, y, ld, gy, lam = _bwd_load(k_ptr, v_ptr, y_ptr, ld_ptr, gy_ptr, off, valid, u, ACC)
     nsp = tl.cdiv(n, LT)
     for sp in range(0, nsp):
-        s = (nsp - 1 - sp) * LT
+        if LEFT:
+            s = sp * LT
+        else:
+            s = (nsp - 1 - sp) * LT
         e = tl.minimum(s + LT, n)
         act = valid & (rf >= s) & (rf < e)
         to, tpn, tpd, tdn, tdd, tog, tg1, tg2 = _bwd_totals(k, v, y, ld, gy, act, rf - s, w, w64,
-                                                           s, e, False)
-        d = (e - s).to(tl.float64)
-        o, pn, pd, dn, dd = _cat5(o, pn, pd, dn, dd, d, to, tpn, tpd, tdn, tdd, w64)
-        og, g1, g2 = _cat3(og, g1, g2, d, tog, tg1, tg2, w64)
-    return o, pn, pd, dn, dd, og, g1, g2
-
-
-@helper
-def _bwd_left_total(k_ptr, v_ptr, y_ptr, ld_ptr, gy_ptr, off, valid, n, rf, w, w64, u, LT,
-                    o, pn, pd, dn, dd, og, g1, g2, ACC: tl.constexpr):
-    k, v, y, ld, gy, lam = _bwd_load(k_ptr, v_ptr, y_ptr, ld_ptr, gy_ptr, off, valid, u, ACC)
-    nsp = tl.cdiv(n, LT)
-    for sp in range(0, nsp):
-        s = sp * LT
-        e = tl.minimum(s + LT, n)
-        act = valid & (rf >= s) & (rf < e)
-        to, tpn, tpd, tdn, tdd, tog, tg1, tg2 = _bwd_totals(k, v, y, ld, gy, act, rf - s, w, w64,
-                                                           s, e, True)
+                                                           s, e, LEFT)
         d = (e - s).to(tl.float64)
         o, pn, pd, dn, dd = _cat5(o, pn, pd, dn, dd, d, to, tpn, tpd, tdn, tdd, w64)
         og, g1, g2 = _cat3(og, g1, g2, d, tog, tg1, tg2, w64)
@@ -738,12 +726,12 @@ def biwkv4_bwd_summary_kernel(k_ptr, v_ptr, w_ptr, u_ptr, y_ptr, logd_ptr, gy_pt
     for i in range(0, tl.cdiv(L, BT)):
         t0, n, valid = _rows(start, i, L, r, cmask, C, BT)
         off = (pid_b * T + t0 + r) * C + cols[None, :]
-        lo, lpn, lpd, ldn, ldd, log_, lg1, lg2 = _bwd_left_total(
+        lo, lpn, lpd, ldn, ldd, log_, lg1, lg2 = _bwd_total(
             k_ptr, v_ptr, y_ptr, logd_ptr, gy_ptr, off, valid, n, rf, w, w64, u, LT,
-            lo, lpn, lpd, ldn, ldd, log_, lg1, lg2, ACC)
-        to, tpn, tpd, tdn, tdd, tog, tg1, tg2 = _bwd_right_total(
+            lo, lpn, lpd, ldn, ldd, log_, lg1, lg2, ACC, True)
+        to, tpn, tpd, tdn, tdd, tog, tg1, tg2 = _bwd_total(
             k_ptr, v_ptr, y_ptr, logd_ptr, gy_ptr, off, valid, n, rf, w, w64, u, LT,
-            lo * 0 + NEG, z, z, z, z, lo * 0 + NEG, z, z, ACC)
+            lo * 0 + NEG, z, z, z, z, lo * 0 + NEG, z, z, ACC, False)
         d = (t0 - start).to(tl.float64)
         ro, rpn, rpd, rdn, rdd = _cat5(to, tpn, tpd, tdn, tdd, d, ro, rpn, rpd, rdn, rdd, w64)
         rog, rg1, rg2 = _cat3(tog, tg1, tg2, d, rog, rg1, rg2, w64)
@@ -893,9 +881,9 @@ def biwkv4_bwd_kernel(k_ptr, v_ptr, w_ptr, u_ptr, y_ptr, logd_ptr, gy_ptr, gk_pt
             tl.store(sc_ptr + q * sst + sso, vals[q], mask=cmask)
         t0, n, valid = _rows(start, i, L, r, cmask, C, BT)
         off = (pid_b * T + t0 + r) * C + cols[None, :]
-        ro, rpn, rpd, rdn, rdd, rog, rg1, rg2 = _bwd_right_total(
+        ro, rpn, rpd, rdn, rdd, rog, rg1, rg2 = _bwd_total(
             k_ptr, v_ptr, y_ptr, logd_ptr, gy_ptr, off, valid, n, rf, w, w64, u, LT,
-            ro, rpn, rpd, rdn, rdd, rog, rg1, rg2, ACC)
+            ro, rpn, rpd, rdn, rdd, rog, rg1, rg2, ACC, False)
     tl.debug_barrier()
     gw_acc = tl.zeros([BLOCK_C], tl.float64)
     gu_acc = tl.zeros([BLOCK_C], tl.float64)
