@@ -63,23 +63,32 @@ def _cfg(bt, bc, warps, stages=1, **kw):
 if INTERPRET:   # numpy cost is per op, not per element: wide blocks, few programs
     FWD_CONFIGS = [_cfg(64, 64, 4)]
     BWD_CONFIGS = [_cfg(64, 64, 4)]
-    SUM_CONFIGS = [_cfg(64, 64, 4)]
+    FWD_SUM_CONFIGS = [_cfg(64, 64, 4)]
+    BWD_SUM_CONFIGS = [_cfg(64, 64, 4)]
     CARRY_CONFIGS = [triton.Config({"NB": 16, "BLOCK_C": 64}, num_warps=4)]
 else:
     # first entry = the fixed config (shape_only_selection, HPCM_BIWKV4_AUTOTUNE=0). The tiles
-    # are register blocks: about 8 fp32 elements per thread per tensor (fwd), 2-4 (bwd) keep
-    # ptxas below 255 registers without a stack frame (python -m kernels_triton.aot).
-    FWD_CONFIGS = [_cfg(32, 32, 8, 2), _cfg(32, 32, 4, 2), _cfg(64, 32, 8, 2), _cfg(32, 64, 8, 2),
-                   _cfg(16, 64, 4, 2)]
-    BWD_CONFIGS = [_cfg(16, 16, 4, 2), _cfg(16, 32, 8, 2), _cfg(32, 16, 8, 2), _cfg(16, 16, 2, 2)]
-    SUM_CONFIGS = [_cfg(32, 32, 4, 2), _cfg(64, 32, 8, 2), _cfg(64, 64, 8, 2), _cfg(32, 64, 4, 2)]
+    # are register blocks; every config below compiles without a stack frame (no spills) for
+    # fp32/bf16/fp16/fp64 on sm_80 and sm_90 (python -m kernels_triton.aot, 2026-11-30). That
+    # takes 4 elements per thread per tensor at 8 warps (fwd, bwd summary) and 1-2 (bwd).
+    # Measured and dropped for a stack frame (BTxBLOCK_C/warps, bytes): fwd 32x32/4 (8-152),
+    # 64x32/8 (8-160), 32x64/8 (8-152), 16x64/4 (8-152); bwd 16x32/8 (8-16), 32x16/8 (8-16),
+    # 16x16/2 (8-472); bwd summary 32x32/4 (8-24, sm_80), 64x32/8 (8, fp64 sm_80), 64x64/8 and
+    # 32x64/4 (464-584, fp64); fwd summary 64x32/8 (24, fp64 sm_90). Tried, spill, not added:
+    # fwd 16x32/4, 32x16/4; bwd 16x32/4, 32x16/4, 32x32/8; bwd summary 16x32/4, 32x16/4,
+    # 32x64/8 (1 stage instead of 2 changed nothing for bwd and bwd summary).
+    FWD_CONFIGS = [_cfg(32, 32, 8, 2), _cfg(16, 64, 8, 2), _cfg(64, 16, 8, 2)]
+    BWD_CONFIGS = [_cfg(16, 16, 4, 2), _cfg(16, 16, 8, 2)]
+    FWD_SUM_CONFIGS = [_cfg(32, 32, 4, 2), _cfg(64, 64, 8, 2), _cfg(32, 64, 4, 2)]
+    BWD_SUM_CONFIGS = [_cfg(32, 32, 8, 2), _cfg(16, 64, 8, 2), _cfg(64, 16, 8, 2)]
     CARRY_CONFIGS = [triton.Config({"NB": 16, "BLOCK_C": 16}, num_warps=4),
                      triton.Config({"NB": 8, "BLOCK_C": 32}, num_warps=4),
                      triton.Config({"NB": 32, "BLOCK_C": 16}, num_warps=8)]
 if SINGLE_CONFIG:
     FWD_CONFIGS, BWD_CONFIGS = FWD_CONFIGS[:1], BWD_CONFIGS[:1]
-    SUM_CONFIGS, CARRY_CONFIGS = SUM_CONFIGS[:1], CARRY_CONFIGS[:1]
-for _c in FWD_CONFIGS + BWD_CONFIGS + SUM_CONFIGS:
+    FWD_SUM_CONFIGS, BWD_SUM_CONFIGS = FWD_SUM_CONFIGS[:1], BWD_SUM_CONFIGS[:1]
+    CARRY_CONFIGS = CARRY_CONFIGS[:1]
+for _c in FWD_CONFIGS + BWD_CONFIGS + FWD_SUM_CONFIGS + BWD_SUM_CONFIGS:
     assert _c.kwargs["BT"] >= BT_MIN
 
 # Device helpers. Under the interpreter every call of a @triton.jit helper re-patches
@@ -191,36 +200,30 @@ def _rows(start, i, L, r, cmask, C, BT: tl.constexpr):
 
 # ----------------------------------------------------------------------------- forward
 @helper
-def _fwd_right_total(k_ptr, v_ptr, off, valid, n, rf, w, w64, LT, ro, rpn, rpd, ACC: tl.constexpr):
-    """Advance the right carry (seen from the tile's last row) over the whole tile."""
+def _fwd_total(k_ptr, v_ptr, off, valid, n, rf, w, w64, LT, o, pn, pd, ACC: tl.constexpr,
+               LEFT: tl.constexpr):
+    """Advance a carry over the whole tile: the left carry (LEFT, seen from the tile's first
+    row; sub-passes left to right) or the right carry (seen from its last row; right to left)."""
     k = tl.load(k_ptr + off, mask=valid, other=0.0).to(ACC)
     v = tl.load(v_ptr + off, mask=valid, other=0.0).to(ACC)
     nsp = tl.cdiv(n, LT)
     for sp in range(0, nsp):
-        s = (nsp - 1 - sp) * LT
+        if LEFT:
+            s = sp * LT
+        else:
+            s = (nsp - 1 - sp) * LT
         e = tl.minimum(s + LT, n)
         act = valid & (rf >= s) & (rf < e)
-        m, sn, sd = _tot(k, v, 1.0, act, rf - s, -w)
-        ro, rpn, rpd = _cat3(ro, rpn, rpd, (e - s).to(tl.float64), m.to(tl.float64),
-                             sn.to(tl.float64), sd.to(tl.float64), w64)
-    return ro, rpn, rpd
-
-
-@helper
-def _fwd_left_total(k_ptr, v_ptr, off, valid, n, rf, w, w64, LT, lo, lpn, lpd, ACC: tl.constexpr):
-    """Advance the left carry (seen from the tile's first row) over the whole tile."""
-    k = tl.load(k_ptr + off, mask=valid, other=0.0).to(ACC)
-    v = tl.load(v_ptr + off, mask=valid, other=0.0).to(ACC)
-    nsp = tl.cdiv(n, LT)
-    for sp in range(0, nsp):
-        s = sp * LT
-        e = tl.minimum(s + LT, n)
-        act = valid & (rf >= s) & (rf < e)
-        m, sn, sd = _tot(k, v, 1.0, act, rf - s, w)
-        d = (e - s).to(tl.float64)
-        lo, lpn, lpd = _cat3(lo, lpn, lpd, d, m.to(tl.float64) - (d - 1) * w64,
-                             sn.to(tl.float64), sd.to(tl.float64), w64)
-    return lo, lpn, lpd
+        if LEFT:
+            m, sn, sd = _tot(k, v, 1.0, act, rf - s, w)
+            d = (e - s).to(tl.float64)
+            mo = m.to(tl.float64) - (d - 1) * w64
+        else:
+            m, sn, sd = _tot(k, v, 1.0, act, rf - s, -w)
+            d = (e - s).to(tl.float64)
+            mo = m.to(tl.float64)
+        o, pn, pd = _cat3(o, pn, pd, d, mo, sn.to(tl.float64), sd.to(tl.float64), w64)
+    return o, pn, pd
 
 
 @helper
@@ -315,7 +318,7 @@ def _program(B, T, C, NT, CHUNK, BT: tl.constexpr, BLOCK_C: tl.constexpr):
     return pid_b, pid_n, cols, cmask, start, L, so, st, r
 
 
-@triton.autotune(configs=SUM_CONFIGS, key=KEY)
+@triton.autotune(configs=FWD_SUM_CONFIGS, key=KEY)
 @triton.jit(do_not_specialize=["T", "NT", "CHUNK"])
 def biwkv4_fwd_summary_kernel(k_ptr, v_ptr, w_ptr, s_ptr, B, T, C, NT, CHUNK,
                               ACC: tl.constexpr, BT: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -333,10 +336,12 @@ def biwkv4_fwd_summary_kernel(k_ptr, v_ptr, w_ptr, s_ptr, B, T, C, NT, CHUNK,
     for i in range(0, tl.cdiv(L, BT)):
         t0, n, valid = _rows(start, i, L, r, cmask, C, BT)
         off = (pid_b * T + t0 + r) * C + cols[None, :]
-        lo, lpn, lpd = _fwd_left_total(k_ptr, v_ptr, off, valid, n, rf, w, w64, LT, lo, lpn, lpd, ACC)
+        lo, lpn, lpd = _fwd_total(k_ptr, v_ptr, off, valid, n, rf, w, w64, LT, lo, lpn, lpd, ACC,
+                                   True)
         # this tile is farther than everything summed so far (t0 - start tokens) from start - 1
         eo, epn = _empty(w64)
-        to, tpn, tpd = _fwd_right_total(k_ptr, v_ptr, off, valid, n, rf, w, w64, LT, eo, epn, epn, ACC)
+        to, tpn, tpd = _fwd_total(k_ptr, v_ptr, off, valid, n, rf, w, w64, LT, eo, epn, epn, ACC,
+                                   False)
         ro, rpn, rpd = _cat3(to, tpn, tpd, (t0 - start).to(tl.float64), ro, rpn, rpd, w64)
     tl.store(s_ptr + so, lo, mask=cmask)
     tl.store(s_ptr + st + so, lpn, mask=cmask)
@@ -493,7 +498,8 @@ def biwkv4_fwd_kernel(k_ptr, v_ptr, w_ptr, u_ptr, y_ptr, logd_ptr, ya_ptr, c_ptr
         tl.store(sc_ptr + 2 * sst + sso, rpd, mask=cmask)
         t0, n, valid = _rows(start, i, L, r, cmask, C, BT)
         off = (pid_b * T + t0 + r) * C + cols[None, :]
-        ro, rpn, rpd = _fwd_right_total(k_ptr, v_ptr, off, valid, n, rf, w, w64, LT, ro, rpn, rpd, ACC)
+        ro, rpn, rpd = _fwd_total(k_ptr, v_ptr, off, valid, n, rf, w, w64, LT, ro, rpn, rpd, ACC,
+                                   False)
     # pass 2 reads what pass 1 parked in scratch
     tl.debug_barrier()
     for i in range(0, ntile):
@@ -551,33 +557,21 @@ def _bwd_totals(k, v, y, ld, gy, act, rs, w, w64, s, e, LEFT: tl.constexpr):
 
 
 @helper
-def _bwd_right_total(k_ptr, v_ptr, y_ptr, ld_ptr, gy_ptr, off, valid, n, rf, w, w64, u, LT,
-                     o, pn, pd, dn, dd, og, g1, g2, ACC: tl.constexpr):
+def _bwd_total(k_ptr, v_ptr, y_ptr, ld_ptr, gy_ptr, off, valid, n, rf, w, w64, u, LT,
+               o, pn, pd, dn, dd, og, g1, g2, ACC: tl.constexpr, LEFT: tl.constexpr):
+    """Advance the backward state (F5, Q3) over the whole tile: the left one (LEFT, seen from
+    the tile's first row; sub-passes left to right) or the right one (right to left)."""
     k, v, y, ld, gy, lam = _bwd_load(k_ptr, v_ptr, y_ptr, ld_ptr, gy_ptr, off, valid, u, ACC)
     nsp = tl.cdiv(n, LT)
     for sp in range(0, nsp):
-        s = (nsp - 1 - sp) * LT
+        if LEFT:
+            s = sp * LT
+        else:
+            s = (nsp - 1 - sp) * LT
         e = tl.minimum(s + LT, n)
         act = valid & (rf >= s) & (rf < e)
         to, tpn, tpd, tdn, tdd, tog, tg1, tg2 = _bwd_totals(k, v, y, ld, gy, act, rf - s, w, w64,
-                                                           s, e, False)
-        d = (e - s).to(tl.float64)
-        o, pn, pd, dn, dd = _cat5(o, pn, pd, dn, dd, d, to, tpn, tpd, tdn, tdd, w64)
-        og, g1, g2 = _cat3(og, g1, g2, d, tog, tg1, tg2, w64)
-    return o, pn, pd, dn, dd, og, g1, g2
-
-
-@helper
-def _bwd_left_total(k_ptr, v_ptr, y_ptr, ld_ptr, gy_ptr, off, valid, n, rf, w, w64, u, LT,
-                    o, pn, pd, dn, dd, og, g1, g2, ACC: tl.constexpr):
-    k, v, y, ld, gy, lam = _bwd_load(k_ptr, v_ptr, y_ptr, ld_ptr, gy_ptr, off, valid, u, ACC)
-    nsp = tl.cdiv(n, LT)
-    for sp in range(0, nsp):
-        s = sp * LT
-        e = tl.minimum(s + LT, n)
-        act = valid & (rf >= s) & (rf < e)
-        to, tpn, tpd, tdn, tdd, tog, tg1, tg2 = _bwd_totals(k, v, y, ld, gy, act, rf - s, w, w64,
-                                                           s, e, True)
+                                                           s, e, LEFT)
         d = (e - s).to(tl.float64)
         o, pn, pd, dn, dd = _cat5(o, pn, pd, dn, dd, d, to, tpn, tpd, tdn, tdd, w64)
         og, g1, g2 = _cat3(og, g1, g2, d, tog, tg1, tg2, w64)
@@ -713,7 +707,7 @@ def _bwd_tile(k_ptr, v_ptr, y_ptr, ld_ptr, gy_ptr, off, C, valid, n, rf, w, w64,
     return GK, GV, gw_t, gu_t, lo, lpn, lpd, ldn, ldd, log_, lg1, lg2
 
 
-@triton.autotune(configs=SUM_CONFIGS, key=KEY)
+@triton.autotune(configs=BWD_SUM_CONFIGS, key=KEY)
 @triton.jit(do_not_specialize=["T", "NT", "CHUNK"])
 def biwkv4_bwd_summary_kernel(k_ptr, v_ptr, w_ptr, u_ptr, y_ptr, logd_ptr, gy_ptr, s_ptr,
                               B, T, C, NT, CHUNK, ACC: tl.constexpr, BT: tl.constexpr,
@@ -732,12 +726,12 @@ def biwkv4_bwd_summary_kernel(k_ptr, v_ptr, w_ptr, u_ptr, y_ptr, logd_ptr, gy_pt
     for i in range(0, tl.cdiv(L, BT)):
         t0, n, valid = _rows(start, i, L, r, cmask, C, BT)
         off = (pid_b * T + t0 + r) * C + cols[None, :]
-        lo, lpn, lpd, ldn, ldd, log_, lg1, lg2 = _bwd_left_total(
+        lo, lpn, lpd, ldn, ldd, log_, lg1, lg2 = _bwd_total(
             k_ptr, v_ptr, y_ptr, logd_ptr, gy_ptr, off, valid, n, rf, w, w64, u, LT,
-            lo, lpn, lpd, ldn, ldd, log_, lg1, lg2, ACC)
-        to, tpn, tpd, tdn, tdd, tog, tg1, tg2 = _bwd_right_total(
+            lo, lpn, lpd, ldn, ldd, log_, lg1, lg2, ACC, True)
+        to, tpn, tpd, tdn, tdd, tog, tg1, tg2 = _bwd_total(
             k_ptr, v_ptr, y_ptr, logd_ptr, gy_ptr, off, valid, n, rf, w, w64, u, LT,
-            lo * 0 + NEG, z, z, z, z, lo * 0 + NEG, z, z, ACC)
+            lo * 0 + NEG, z, z, z, z, lo * 0 + NEG, z, z, ACC, False)
         d = (t0 - start).to(tl.float64)
         ro, rpn, rpd, rdn, rdd = _cat5(to, tpn, tpd, tdn, tdd, d, ro, rpn, rpd, rdn, rdd, w64)
         rog, rg1, rg2 = _cat3(tog, tg1, tg2, d, rog, rg1, rg2, w64)
@@ -887,9 +881,9 @@ def biwkv4_bwd_kernel(k_ptr, v_ptr, w_ptr, u_ptr, y_ptr, logd_ptr, gy_ptr, gk_pt
             tl.store(sc_ptr + q * sst + sso, vals[q], mask=cmask)
         t0, n, valid = _rows(start, i, L, r, cmask, C, BT)
         off = (pid_b * T + t0 + r) * C + cols[None, :]
-        ro, rpn, rpd, rdn, rdd, rog, rg1, rg2 = _bwd_right_total(
+        ro, rpn, rpd, rdn, rdd, rog, rg1, rg2 = _bwd_total(
             k_ptr, v_ptr, y_ptr, logd_ptr, gy_ptr, off, valid, n, rf, w, w64, u, LT,
-            ro, rpn, rpd, rdn, rdd, rog, rg1, rg2, ACC)
+            ro, rpn, rpd, rdn, rdd, rog, rg1, rg2, ACC, False)
     tl.debug_barrier()
     gw_acc = tl.zeros([BLOCK_C], tl.float64)
     gu_acc = tl.zeros([BLOCK_C], tl.float64)
@@ -926,6 +920,6 @@ KERNELS = {
     "bwd": biwkv4_bwd_kernel,
 }
 CONFIGS = {
-    "fwd_summary": SUM_CONFIGS, "fwd_carry": CARRY_CONFIGS, "fwd": FWD_CONFIGS,
-    "bwd_summary": SUM_CONFIGS, "bwd_carry": CARRY_CONFIGS, "bwd": BWD_CONFIGS,
+    "fwd_summary": FWD_SUM_CONFIGS, "fwd_carry": CARRY_CONFIGS, "fwd": FWD_CONFIGS,
+    "bwd_summary": BWD_SUM_CONFIGS, "bwd_carry": CARRY_CONFIGS, "bwd": BWD_CONFIGS,
 }
