@@ -352,11 +352,6 @@ def biwkv4_fwd_summary_kernel(k_ptr, v_ptr, w_ptr, s_ptr, B, T, C, NT, CHUNK,
 
 
 @helper
-def _chunk_len(n, T, CHUNK):
-    return tl.maximum(tl.minimum(CHUNK, T - n * CHUNK), 0)
-
-
-@helper
 def _carry_setup(w_ptr, cols, cmask, CHUNK, NB: tl.constexpr):
     """Channel weights and the rows per cumsum sub-pass of the carry kernels (LTc chunks span
     at most CARRY_BUDGET / max|w| tokens, so float64 exponents stay in range)."""
