@@ -102,6 +102,16 @@ def _compile(cc: str, flags: list[str], out: Path) -> None:
     os.replace(tmp, out)
 
 
+def _lock(f) -> None:
+    """Exclusive lock on an open file until it is closed (POSIX; elsewhere no lock: concurrent
+    first builds then each compile, and the rename keeps the result whole)."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    fcntl.flock(f, fcntl.LOCK_EX)
+
+
 def _build() -> Path:
     cc = _compiler()
     errors = []
@@ -111,10 +121,8 @@ def _build() -> Path:
         lib = d / f"libbiwkv4-{key}.so"
         if lib.exists():
             return lib
-        import fcntl
-
         with open(d / f".libbiwkv4-{key}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)   # another process may be building it right now
+            _lock(lock)   # another process may be building it right now
             if lib.exists():
                 return lib
             log.info("compiling the CPU Bi-WKV4 kernels (once per machine, about 10 s) into %s", lib)
