@@ -84,7 +84,7 @@ def _writable_dir(path: Path) -> Path:
         probe.close()
         return path
     except OSError:
-        alt = Path(tempfile.gettempdir()) / f"hpcm_triton-{os.getuid()}" / "cpu_kernels"
+        alt = Path(tempfile.gettempdir()) / f"hpcm_triton-{getattr(os, 'getuid', lambda: 0)()}" / "cpu_kernels"
         alt.mkdir(parents=True, exist_ok=True)
         return alt
 
