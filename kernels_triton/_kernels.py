@@ -626,6 +626,49 @@ def _bwd_scan(x, mn, xq, q1, q2, k, v, y, ld, gy, act, rs, w, crow, cpd, dnc, dd
 
 
 @helper
+def _bwd_pass(k, v, y, ld, gy, kx, vx, yx, ldx, gyx, valid, n, rf, w, LT,
+              o, pn, pd, dn, dd, og, g1, g2, GW, GK, GV, w64, ACC: tl.constexpr,
+              LEFT: tl.constexpr):
+    """One direction of :func:`_bwd_tile`: LEFT, sub-passes left to right, row r holding the
+    token before it (kx... loaded one row up) and the carry on each sub-pass's first row; else
+    right to left, the token after it, the carry on the last row. Adds the off-diagonal gw,
+    gk, gv of the active rows into GW, GK, GV; returns them and the advanced carry."""
+    nsp = tl.cdiv(n, LT)
+    for sp in range(0, nsp):
+        if LEFT:
+            s = sp * LT
+        else:
+            s = (nsp - 1 - sp) * LT
+        e = tl.minimum(s + LT, n)
+        act = valid & (rf >= s) & (rf < e)
+        if LEFT:
+            crow = rf == s
+        else:
+            crow = rf == e - 1
+        rs = rf - s
+        cc = act & crow
+        oa, fa = _split(o, ACC)
+        x = tl.where(cc, oa[None, :], tl.where(act, kx, NEG))
+        mn = tl.where(crow, pn.to(ACC)[None, :] * fa[None, :], vx)
+        oq, fq = _split(og, ACC)
+        xq = tl.where(cc, oq[None, :], tl.where(act, -ldx, NEG))
+        q1 = tl.where(crow, g1.to(ACC)[None, :] * fq[None, :], gyx)
+        q2 = tl.where(crow, g2.to(ACC)[None, :] * fq[None, :], gyx * yx)
+        gw, gk, gv = _bwd_scan(x, mn, xq, q1, q2, k, v, y, ld, gy, act, rs, w,
+                               crow, pd.to(ACC)[None, :] * fa[None, :], dn.to(ACC) * fa,
+                               dd.to(ACC) * fa, not LEFT)
+        GW = tl.where(act, GW + gw, GW)
+        GK = tl.where(act, GK + gk, GK)
+        GV = tl.where(act, GV + gv, GV)
+        to, tpn, tpd, tdn, tdd, tog, tg1, tg2 = _bwd_totals(k, v, y, ld, gy, act, rs, w, w64,
+                                                           s, e, LEFT)
+        d = (e - s).to(tl.float64)
+        o, pn, pd, dn, dd = _cat5(o, pn, pd, dn, dd, d, to, tpn, tpd, tdn, tdd, w64)
+        og, g1, g2 = _cat3(og, g1, g2, d, tog, tg1, tg2, w64)
+    return GW, GK, GV, o, pn, pd, dn, dd, og, g1, g2
+
+
+@helper
 def _bwd_tile(k_ptr, v_ptr, y_ptr, ld_ptr, gy_ptr, off, C, valid, n, rf, w, w64, u, LT,
               lo, lpn, lpd, ldn, ldd, log_, lg1, lg2,
               ro, rpn, rpd, rdn, rdd, rog, rg1, rg2, ACC: tl.constexpr):
@@ -635,60 +678,12 @@ def _bwd_tile(k_ptr, v_ptr, y_ptr, ld_ptr, gy_ptr, off, C, valid, n, rf, w, w64,
     vr = valid & (rf + 1 < n)
     kr, vvr, yr, ldr, gyr, _r = _bwd_load(k_ptr, v_ptr, y_ptr, ld_ptr, gy_ptr, off + C, vr, u, ACC)
     z = tl.zeros_like(k)
-    GW = z
-    GK = z
-    GV = z
-    nsp = tl.cdiv(n, LT)
-    for sp in range(0, nsp):
-        s = sp * LT
-        e = tl.minimum(s + LT, n)
-        act = valid & (rf >= s) & (rf < e)
-        first = rf == s
-        rs = rf - s
-        cf = act & first
-        oa, fa = _split(lo, ACC)
-        x = tl.where(cf, oa[None, :], tl.where(act, kl, NEG))
-        mn = tl.where(first, lpn.to(ACC)[None, :] * fa[None, :], vvl)
-        oq, fq = _split(log_, ACC)
-        xq = tl.where(cf, oq[None, :], tl.where(act, -ldl, NEG))
-        q1 = tl.where(first, lg1.to(ACC)[None, :] * fq[None, :], gyl)
-        q2 = tl.where(first, lg2.to(ACC)[None, :] * fq[None, :], gyl * yl)
-        gw, gk, gv = _bwd_scan(x, mn, xq, q1, q2, k, v, y, ld, gy, act, rs, w,
-                               first, lpd.to(ACC)[None, :] * fa[None, :], ldn.to(ACC) * fa,
-                               ldd.to(ACC) * fa, False)
-        GW = tl.where(act, gw, GW)
-        GK = tl.where(act, gk, GK)
-        GV = tl.where(act, gv, GV)
-        to, tpn, tpd, tdn, tdd, tog, tg1, tg2 = _bwd_totals(k, v, y, ld, gy, act, rs, w, w64,
-                                                           s, e, True)
-        d = (e - s).to(tl.float64)
-        lo, lpn, lpd, ldn, ldd = _cat5(lo, lpn, lpd, ldn, ldd, d, to, tpn, tpd, tdn, tdd, w64)
-        log_, lg1, lg2 = _cat3(log_, lg1, lg2, d, tog, tg1, tg2, w64)
-    for sp in range(0, nsp):
-        s = (nsp - 1 - sp) * LT
-        e = tl.minimum(s + LT, n)
-        act = valid & (rf >= s) & (rf < e)
-        last = rf == e - 1
-        rs = rf - s
-        cl = act & last
-        oa, fa = _split(ro, ACC)
-        x = tl.where(cl, oa[None, :], tl.where(act, kr, NEG))
-        mn = tl.where(last, rpn.to(ACC)[None, :] * fa[None, :], vvr)
-        oq, fq = _split(rog, ACC)
-        xq = tl.where(cl, oq[None, :], tl.where(act, -ldr, NEG))
-        q1 = tl.where(last, rg1.to(ACC)[None, :] * fq[None, :], gyr)
-        q2 = tl.where(last, rg2.to(ACC)[None, :] * fq[None, :], gyr * yr)
-        gw, gk, gv = _bwd_scan(x, mn, xq, q1, q2, k, v, y, ld, gy, act, rs, w,
-                               last, rpd.to(ACC)[None, :] * fa[None, :], rdn.to(ACC) * fa,
-                               rdd.to(ACC) * fa, True)
-        GW = tl.where(act, GW + gw, GW)
-        GK = tl.where(act, GK + gk, GK)
-        GV = tl.where(act, GV + gv, GV)
-        to, tpn, tpd, tdn, tdd, tog, tg1, tg2 = _bwd_totals(k, v, y, ld, gy, act, rs, w, w64,
-                                                           s, e, False)
-        d = (e - s).to(tl.float64)
-        ro, rpn, rpd, rdn, rdd = _cat5(ro, rpn, rpd, rdn, rdd, d, to, tpn, tpd, tdn, tdd, w64)
-        rog, rg1, rg2 = _cat3(rog, rg1, rg2, d, tog, tg1, tg2, w64)
+    GW, GK, GV, lo, lpn, lpd, ldn, ldd, log_, lg1, lg2 = _bwd_pass(
+        k, v, y, ld, gy, kl, vvl, yl, ldl, gyl, valid, n, rf, w, LT,
+        lo, lpn, lpd, ldn, ldd, log_, lg1, lg2, z, z, z, w64, ACC, True)
+    GW, GK, GV, ro, rpn, rpd, rdn, rdd, rog, rg1, rg2 = _bwd_pass(
+        k, v, y, ld, gy, kr, vvr, yr, ldr, gyr, valid, n, rf, w, LT,
+        ro, rpn, rpd, rdn, rdd, rog, rg1, rg2, GW, GK, GV, w64, ACC, False)
     # diagonal terms
     p = tl.exp(-tl.maximum(lam, 0.0))
     gvd = gy * p
