@@ -171,8 +171,9 @@ def weights_fingerprint(model) -> bytes:
 
 # ---------------------------------------------------------------- encoding
 def _env_bytes(env: dict) -> bytes:
-    items = [f"{k}={env[k]}" for k in ("device", "cpu", "gpu", "biwkv4", "torch", "compressai")
-             if env.get(k) is not None]
+    from .coding_env import RECORDED
+
+    items = [f"{k}={env[k]}" for k in RECORDED if env.get(k) is not None]
     raw = ";".join(i.replace(";", ",") for i in items).encode("ascii", "replace")
     return raw[:255]
 

@@ -24,16 +24,19 @@ import contextlib
 import functools
 
 MAX_THREADS = 256  # a file asking for more is refused (a header must not make us start 10⁵ threads)
+# The environment facts a file's header records (in this order) and a decoder compares.
+RECORDED = ("device", "cpu", "gpu", "biwkv4", "torch", "compressai")
 
 
 def biwkv4_backends(model, device) -> str | None:
     """The Bi-WKV4 backend(s) ``model``'s RWKV modules run on ``device`` ("cpu", "torch",
     "triton"; several joined by "+"), or None for a model without them (HPCM-Base/Large)."""
-    wanted = sorted({m.backend for m in model.modules()
-                     if type(m).__name__ == "SpatialMix" and hasattr(m, "backend")})
+    from .rwkv.mix import SpatialMix
+
+    wanted = sorted({m.backend for m in model.modules() if isinstance(m, SpatialMix)})
     if not wanted:
         return None
-    from kernels_triton.ops import resolve_backend
+    from kernels_triton.ops import resolve_backend  # imports triton: only for RWKV variants
 
     return "+".join(sorted({resolve_backend(device, b) for b in wanted}))
 
@@ -74,8 +77,7 @@ def describe(env: dict) -> str:
 
 def differences(file_env: dict, here: dict) -> list[str]:
     """The recorded facts that differ between the encoder (``file_env``) and this decoder."""
-    keys = ("device", "gpu", "cpu", "biwkv4", "torch", "compressai")
-    return [f"{k}: file {file_env.get(k)!r}, here {here.get(k)!r}" for k in keys
+    return [f"{k}: file {file_env.get(k)!r}, here {here.get(k)!r}" for k in RECORDED
             if k in file_env and file_env.get(k) != here.get(k)]
 
 
