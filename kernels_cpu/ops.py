@@ -39,37 +39,36 @@ def _threads(B: int, T: int, C: int) -> int:
     return max(1, min(torch.get_num_threads(), tasks, (B * T * C) // _MIN_WORK or 1))
 
 
+def _fn(name: str, dtype: torch.dtype):
+    """The C entry point ``biwkv4_<name>_<f32|f64>`` for the compute dtype."""
+    return getattr(load(), f"biwkv4_{name}_{'f64' if dtype == torch.float64 else 'f32'}")
+
+
+def _run(name: str, dtype: torch.dtype, *args) -> None:
+    """Calls a C kernel entry point on tensors (passed as pointers) and sizes."""
+    if _fn(name, dtype)(*(_ptr(a) if a is None or isinstance(a, torch.Tensor) else a for a in args)):
+        raise MemoryError("biwkv4_cpu: could not allocate the kernels' scratch memory")
+
+
 def _forward(w, u, k, v, need_grad: bool):
-    lib = load()
     B, T, C = k.shape
-    sfx = "f64" if k.dtype == torch.float64 else "f32"
-    L = int(getattr(lib, f"biwkv4_chunk_len_{sfx}")(float(w.abs().max()), T))
-    N = -(-T // L)
+    L = int(_fn("chunk_len", k.dtype)(float(w.abs().max()), T))
     y = torch.empty_like(k)
     den = torch.empty_like(k) if need_grad else None
-    unit = k.new_empty(B, N, C) if need_grad else None
-    rc = getattr(lib, f"biwkv4_fwd_{sfx}")(_ptr(w), _ptr(u), _ptr(k), _ptr(v), _ptr(y), _ptr(den),
-                                          _ptr(unit), B, T, C, L, _threads(B, T, C))
-    if rc != 0:
-        raise MemoryError("biwkv4_cpu: could not allocate the kernels' scratch memory")
+    unit = k.new_empty(B, -(-T // L), C) if need_grad else None
+    _run("fwd", k.dtype, w, u, k, v, y, den, unit, B, T, C, L, _threads(B, T, C))
     return y, den, unit, L
 
 
 def _backward(w, u, k, v, y, den, unit, gy, L):
-    lib = load()
     B, T, C = k.shape
-    sfx = "f64" if k.dtype == torch.float64 else "f32"
     gk = torch.empty_like(k)
     gv = torch.empty_like(k)
     gw = torch.empty(C, dtype=torch.float64)
     gu = torch.empty(C, dtype=torch.float64)
-    part = torch.empty(2, B, C, dtype=torch.float64)
-    rc = getattr(lib, f"biwkv4_bwd_{sfx}")(_ptr(w), _ptr(u), _ptr(k), _ptr(v), _ptr(y), _ptr(den),
-                                          _ptr(unit), _ptr(gy), _ptr(gk), _ptr(gv), _ptr(gw),
-                                          _ptr(gu), _ptr(part[0]), _ptr(part[1]), B, T, C, L,
-                                          _threads(B, T, C))
-    if rc != 0:
-        raise MemoryError("biwkv4_cpu: could not allocate the kernels' scratch memory")
+    part = torch.empty(2, B, C, dtype=torch.float64)   # per-batch-row gw, gu before the sum
+    _run("bwd", k.dtype, w, u, k, v, y, den, unit, gy, gk, gv, gw, gu, part[0], part[1],
+         B, T, C, L, _threads(B, T, C))
     return gw, gu, gk, gv
 
 
