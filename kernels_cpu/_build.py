@@ -114,10 +114,10 @@ def _lock(f) -> None:
 
 def _build() -> Path:
     cc = _compiler()
+    d = _writable_dir(cache_root() / "cpu_kernels")
     errors = []
     for arch in ARCH_FLAGS:
         key = _key(cc, arch)
-        d = _writable_dir(cache_root() / "cpu_kernels")
         lib = d / f"libbiwkv4-{key}.so"
         if lib.exists():
             return lib
