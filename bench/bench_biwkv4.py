@@ -2,7 +2,7 @@
 
     python bench/bench_biwkv4.py [--C 640,960] [--dtype fp32] [--quick] [--rep 50]
 
-Shapes (SPEC §1): C = 640 (2M) and 960 (3M, Phase-4 priors); a 256² image gives T = 16, 64,
+Shapes (docs/biwkv4.md §5): C = 640 (2M) and 960 (3M, Phase-4 priors); a 256² image gives T = 16, 64,
 256 (B = 1, 8, 16), a 4K frame T = 2160, 8640, 34560 with B = 1; plus B = 16, T = 4096.
 
 On a GPU, per shape and strategy (sequential, chunked with the heuristic's chunk), forward

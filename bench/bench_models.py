@@ -1,4 +1,4 @@
-"""Benchmark (not a test): the seed's "compare" mode, measured.
+"""Benchmark (not a test): the phase design's Phase 2 vs Phase 3 "compare" mode, measured.
 
 Parameters, peak memory and forward / compress / decompress wall time of Phase 2 vs Phase 3
 (or any variants) at 256² and 512², as a markdown table with date, machine and torch version.
@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from hpcm_triton import images as im  # noqa: E402
-from hpcm_triton.cli import ALL_MODELS  # noqa: E402
-from hpcm_triton.train import seeded_model  # noqa: E402
+from hpcm_triton.models.config import MODEL_NAMES, SIZES  # noqa: E402
+from hpcm_triton.models.seeded import seeded_model  # noqa: E402
 
 
 class _RssPeak:
@@ -139,8 +139,8 @@ def bench(name: str, size: str, sides: list[int], dev: torch.device, repeats: in
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["phase2", "phase3"],
-                   help=f"variants, or 'all' ({', '.join(ALL_MODELS)})")
-    p.add_argument("--size", default="tiny", choices=("tiny", "full"))
+                   help=f"variants, or 'all' ({', '.join(MODEL_NAMES)})")
+    p.add_argument("--size", default="tiny", choices=SIZES)
     p.add_argument("--sides", nargs="+", type=int, default=[256, 512])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=3)
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
             torch.set_num_threads(args.threads)
         print(json.dumps(bench(args.models[0], args.size, args.sides, torch.device(args.device), args.repeats)))
         return 0
-    models = list(ALL_MODELS) if args.models == ["all"] else [m.lower() for m in args.models]
+    models = list(MODEL_NAMES) if args.models == ["all"] else [m.lower() for m in args.models]
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -189,7 +189,7 @@ def main(argv=None) -> int:
               f"| {'yes' if r['exact'] else 'NO'} |")
     by = {(r["model"], r["side"]): r for r in rows}
     if "phase2" in models and "phase3" in models:
-        print("\nPhase 3 relative to Phase 2 (the seed's 'compare' mode; its expected time −35~50 % and "
+        print("\nPhase 3 relative to Phase 2 (the phase design's 'compare' mode; its expected time −35~50 % and "
               "memory −35~40 % were never measured):\n")
         for side in args.sides:
             a, b = by[("phase2", side)], by[("phase3", side)]

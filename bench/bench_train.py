@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from hpcm_triton.train_args import ALL_MODELS  # noqa: E402
+from hpcm_triton.models.config import MODEL_NAMES, SIZES  # noqa: E402
 from hpcm_triton.training import data as D  # noqa: E402
 from hpcm_triton.training.loop import Precision, build_model, rd_loss, sample_noise  # noqa: E402
 from hpcm_triton.models.zoo import param_groups  # noqa: E402
@@ -96,8 +96,8 @@ def bench_one(name: str, size: str, amp: str, ckpt: bool, dev: torch.device, bat
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--size", default=None, choices=("tiny", "full"), help="default: tiny on CPU, full on CUDA")
-    p.add_argument("--models", nargs="+", default=list(ALL_MODELS), choices=ALL_MODELS)
+    p.add_argument("--size", default=None, choices=SIZES, help="default: tiny on CPU, full on CUDA")
+    p.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES)
     p.add_argument("--batch-size", type=int, default=None, help="default: 2 on CPU, 8 on CUDA")
     p.add_argument("--crop", type=int, default=None, help="default: 128 on CPU, 256 on CUDA")
     p.add_argument("--amp", nargs="+", default=["none", "bf16"], choices=("none", "bf16", "fp16"))

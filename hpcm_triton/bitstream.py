@@ -51,8 +51,9 @@ import struct
 import zlib
 from pathlib import Path
 
+from .defaults import DEFAULT_MAX_PIXELS
 from .entropy.coder import BitstreamError, CodedStream, ParameterMismatchError
-from .models.config import PRESETS, HPCMConfig
+from .models.config import PRESETS, TABLE_BUFFERS, HPCMConfig
 
 # torch is imported inside the functions that need it: reading and validating a header must
 # not cost the ~0.9 GB that importing torch (a CUDA build) does.
@@ -63,10 +64,6 @@ _FIXED = struct.Struct("<8s8sIIIIH")   # config_fp, weights_fp, H, W, zh, zw, n_
 _PER_IMAGE = struct.Struct("<IIII")    # y_len, y_crc, z_len, z_crc
 _STEPS = {"y": 11, "z": 1}             # chunks per stream: HPCM's 11 coding steps; z in one
 
-# Images larger than this (pixels, all images of a file together) are refused unless the
-# caller raises the limit (``--max-pixels``): 8K UHD. Decoding one at the official widths
-# needs about 400 bytes per pixel at its peak (g_s), so this default already means ~13 GB.
-DEFAULT_MAX_PIXELS = 7680 * 4320
 MAX_SIDE = 1 << 16
 MAX_IMAGES = 64
 
@@ -155,8 +152,6 @@ def weights_fingerprint(model) -> bytes:
 
     Exact bytes, not float sums, so the value does not depend on the device's reduction order.
     """
-    from .models.hpcm import TABLE_BUFFERS
-
     h = hashlib.sha256()
     for name in TABLE_BUFFERS:
         t = getattr(model, name, None)

@@ -7,8 +7,8 @@ atomically, never over an existing file without ``--force`` and never over an in
 (SIGINT) or SIGTERM ends the whole command at once with status 130 (143), no traceback and no
 partial file; the decode worker dies with it.
 
-Only argparse is imported up front: ``--help``, ``--version`` and argument errors answer
-without loading torch.
+Only argparse and torch-free constants are imported up front: ``--help``, ``--version`` and
+argument errors answer without loading torch.
 """
 from __future__ import annotations
 
@@ -21,16 +21,17 @@ import threading
 import time
 from pathlib import Path
 
-from .train_args import ALL_MODELS
+from .defaults import BUNDLED_PHOTOS, DEFAULT_MAX_PIXELS
+from .models.config import MODEL_NAMES, SIZES
+from .training import args as train_args
 
 PROG = "hpcm-triton"
 # What evaluate writes in --out (hpcm_triton/evaluate.py writes exactly these).
 EVALUATE_OUTPUTS = ("results.json", "per_image.json", "bd_rate.json", "evaluate.log", "rd.png")
-COMMANDS = ("demo", "compress", "decompress", "train", "evaluate", "info")  # plus what train_args registers
+COMMANDS = ("demo", "compress", "decompress", "train", "export", "evaluate", "info")
 DEMO_DEFAULT_SIZE = "full"  # measured: all six variants on chelsea in ~2.5 min on the 2-core CPU
 UNTRAINED_NOTE = ("NOTE: weights are UNTRAINED (seeded deterministically from parameter names; no trained "
                   "checkpoint ships), so bitrates and PSNR show the coding path works, not compression quality.")
-DEFAULT_MAX_PIXELS = 7680 * 4320  # == bitstream.DEFAULT_MAX_PIXELS (not imported: bitstream loads torch)
 
 
 class UserError(Exception):
@@ -70,11 +71,13 @@ def _check_device(device: str) -> str:
     return device
 
 
-def _model(name: str, size: str, checkpoint: str | None, device: str = "cpu"):
-    """(model, name): from a checkpoint, else the seeded untrained model at ``size``."""
-    from .train import load_checkpoint, seeded_model
-
+def _model(name: str | None, size: str, checkpoint: str | None, device: str = "cpu", config=None):
+    """(model, name), ready to code: from ``checkpoint`` when given (the variant it holds, or
+    ``name`` for an official state_dict), else the seeded untrained ``name`` (default phase3) at
+    ``size`` or with ``config`` (a file's :class:`HPCMConfig`)."""
     if checkpoint:
+        from .models.zoo import load_checkpoint
+
         if not Path(checkpoint).is_file():
             raise UserError(f"{checkpoint}: no such checkpoint file"
                             + (" (it is a directory)" if Path(checkpoint).is_dir() else ""))
@@ -87,7 +90,13 @@ def _model(name: str, size: str, checkpoint: str | None, device: str = "cpu"):
             raise UserError(f"{checkpoint}: not a usable checkpoint for {name or 'this model'} "
                             f"({e.__class__.__name__}: {detail})") from None
         return model, name
+    from .models.seeded import seeded_model
+
     name = (name or "phase3").lower()
+    if config is not None:
+        import dataclasses
+
+        return seeded_model(name, "full", **dataclasses.asdict(config)).to(device), name
     return seeded_model(name, size).to(device), name
 
 
@@ -182,7 +191,7 @@ def _check_input_file(path: str, what: str = "file") -> None:
 
 
 def cmd_compress(args) -> int:
-    if os.path.exists(args.input) or args.input not in _bundled_names():
+    if os.path.exists(args.input) or args.input not in BUNDLED_PHOTOS:
         _check_input_file(args.input, "image file")
     out = _check_output(args.output, args.force, [args.input])
     if args.threads is not None and not 1 <= args.threads <= 256:
@@ -209,10 +218,6 @@ def cmd_compress(args) -> int:
     return 0
 
 
-def _bundled_names():
-    return ("chelsea", "astronaut", "coffee", "rocket", "hubble", "grace_hopper")
-
-
 def cmd_decompress(args) -> int:
     _check_input_file(args.input, ".hpcm file")
     out = _check_output(args.output, args.force, [args.input])
@@ -229,15 +234,9 @@ def cmd_decompress(args) -> int:
     import torch
 
     from . import images as im
-    from .models.seeded import seeded_init_
-    from .models.zoo import get_model
 
-    if args.checkpoint:
-        model, name = _model(info["model"], "full", args.checkpoint, args.device)
-    else:
-        name = info["model"]
-        model = seeded_init_(get_model(name, **_asdict(info["config"]))).to(args.device).eval()
-        model.update(force=True)
+    model, name = _model(info["model"], "full", args.checkpoint, args.device,
+                         config=None if args.checkpoint else info["config"])
     bitstream.check(info, model, name)
     threads = info.get("threads")
     if threads and threads > (os.cpu_count() or 1):
@@ -253,13 +252,32 @@ def cmd_decompress(args) -> int:
     return 0
 
 
-def _asdict(config) -> dict:
-    import dataclasses
+# ---------------------------------------------------------------- train / export / evaluate / info
+def cmd_train(args) -> int:
+    from .training.loop import run
 
-    return dataclasses.asdict(config)
+    res = run(train_args.to_config(args), out=args.out, resume=args.resume, override=args.override, force=args.force)
+    if res["rank"] == 0:
+        last = res["last"]
+        if last:
+            print(f"step {last['step']}: loss {last['loss']:.4f}, bpp {last['bpp']:.4f}, PSNR {last['psnr']:.2f} dB, "
+                  f"skipped steps {res['skipped']}")
+        if res.get("best_val") is not None:
+            print(f"best validation loss {res['best_val']:.4f} (step {res['best_step']}): {res['best_path']}")
+        print(f"checkpoint: {res['checkpoint']}; log: {res['log']}")
+    return 0
 
 
-# ---------------------------------------------------------------- train / evaluate / info
+def cmd_export(args) -> int:
+    from .training.checkpoint import export_weights
+
+    info = export_weights(args.checkpoint, args.output, force=args.force)
+    print(f"{args.checkpoint} → {args.output}: {info['model']} weights with CDF tables "
+          f"(step {info['step']}, λ {info['lmbda']}), {info['bytes']:,} bytes")
+    return 0
+
+
+
 def cmd_evaluate(args) -> int:
     from .evaluate import compare_files, evaluate
 
@@ -312,8 +330,8 @@ def cmd_info(args) -> int:
         return _info_file(args)
     import torch
 
+    from .models.config import size_overrides
     from .models.zoo import MODELS, get_model
-    from .train import size_overrides
 
     print(f"hpcm-triton variants ({'official' if args.size == 'full' else 'TINY'} widths; parameter counts "
           f"computed by building each model, torch {torch.__version__})")
@@ -365,7 +383,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__, train_args
+    from . import __version__
 
     p = _Parser(prog=PROG, formatter_class=_Formatter,
                 description="HPCM learned image compression and its RWKV hybrids. Without a subcommand, runs "
@@ -381,10 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp, size_default="full", model=True):
         if model:
-            sp.add_argument("--model", default=None, choices=ALL_MODELS, type=str.lower,
+            sp.add_argument("--model", default=None, choices=MODEL_NAMES, type=str.lower,
                             help="which variant (see `hpcm-triton info`); default: the checkpoint's own model "
                                  "(an official state_dict needs --model), else phase3")
-        sp.add_argument("--size", default=size_default, choices=("tiny", "full"),
+        sp.add_argument("--size", default=size_default, choices=SIZES,
                         help="tiny: small test widths (fast on CPU); full: the official widths")
         device(sp)
 
@@ -395,11 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = add("demo", help="end-to-end run on a bundled photo, every variant (default command)",
             description="Compress a photo with each variant into a real .hpcm file, decode it, and report "
                         "bpp, PSNR, times and whether the decode is exact.")
-    d.add_argument("--image", default="chelsea", help="a bundled photo name (chelsea, astronaut, coffee, rocket, "
-                   "hubble, grace_hopper) or an image file")
-    d.add_argument("--models", nargs="+", default=list(ALL_MODELS), choices=ALL_MODELS, type=str.lower,
+    d.add_argument("--image", default="chelsea", help=f"a bundled photo name ({', '.join(BUNDLED_PHOTOS)}) "
+                   "or an image file")
+    d.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES, type=str.lower,
                    help="the variants to run")
-    d.add_argument("--size", default=DEMO_DEFAULT_SIZE, choices=("tiny", "full"),
+    d.add_argument("--size", default=DEMO_DEFAULT_SIZE, choices=SIZES,
                    help="model widths: tiny (test widths, fast) or full (official)")
     device(d)
     d.add_argument("--keep", metavar="DIR", help="keep the .hpcm files in DIR (default: a temporary folder, "
@@ -433,11 +451,11 @@ def build_parser() -> argparse.ArgumentParser:
     force(x)
     x.set_defaults(func=cmd_decompress)
 
-    train_args.register(sub)  # train (and export): hpcm_triton/train_args.py
+    train_args.register(sub, train=cmd_train, export=cmd_export)  # options: hpcm_triton/training/args.py
 
     e = add("evaluate", help="RD evaluation with real bitstreams (CompressAI results JSON, RD plot)")
     e.add_argument("checkpoints", nargs="*", help="checkpoints, one RD point each (none: the seeded untrained model)")
-    e.add_argument("--model", default=None, choices=ALL_MODELS, type=str.lower,
+    e.add_argument("--model", default=None, choices=MODEL_NAMES, type=str.lower,
                    help="the checkpoints' model: needed for official state_dicts, checked against training "
                         "checkpoints; without checkpoints the untrained model to evaluate (default phase3)")
     common(e, model=False)
@@ -457,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
                         ".hpcm file holds (variant, config, image size, stream sizes, fingerprints, encoder "
                         "environment), read from its header without building a model.")
     i.add_argument("file", nargs="?", help="a .hpcm file to describe")
-    i.add_argument("--size", default="full", choices=("tiny", "full"), help="widths for the parameter counts")
+    i.add_argument("--size", default="full", choices=SIZES, help="widths for the parameter counts")
     i.set_defaults(func=cmd_info)
     sub.metavar = "{" + ",".join(sub.choices) + "}"
     p.commands = tuple(sub.choices)

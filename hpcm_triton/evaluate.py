@@ -240,9 +240,10 @@ def evaluate(checkpoints: list | None = None, model_name: str | None = None, siz
     only), ``per_image.json``, ``bd_rate.json`` (against the published anchors and each of
     ``anchor_files``), ``rd.png`` and ``evaluate.log`` (every value left out, and why).
     """
+    from .models.seeded import seeded_model
+    from .models.zoo import load_checkpoint
     from .outputs import atomic_write_bytes
     from .progress import progress as show_progress
-    from .train import load_checkpoint, seeded_model
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .defaults import BUNDLED_PHOTOS
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 
 
@@ -30,15 +32,15 @@ def _grace_hopper():
         return np.asarray(Image.open(f).convert("RGB"))
 
 
-# Natural photos that ship with installed packages, so demos and tests run offline.
-BUNDLED = {
-    "chelsea": _skimage("chelsea"),            # 300×451 cat
-    "astronaut": _skimage("astronaut"),        # 512×512
-    "coffee": _skimage("coffee"),              # 400×600
-    "rocket": _skimage("rocket"),              # 427×640
-    "hubble": _skimage("hubble_deep_field"),   # 872×1000
-    "grace_hopper": _grace_hopper,             # 600×512, matplotlib sample data (may be absent)
-}
+# The bundled photos' loaders, in the order of defaults.BUNDLED_PHOTOS (sizes as H×W).
+BUNDLED = dict(zip(BUNDLED_PHOTOS, (
+    _skimage("chelsea"),             # 300×451 cat
+    _skimage("astronaut"),           # 512×512
+    _skimage("coffee"),              # 400×600
+    _skimage("rocket"),              # 427×640
+    _skimage("hubble_deep_field"),   # 872×1000
+    _grace_hopper,                   # 600×512, matplotlib sample data (may be absent)
+), strict=True))
 
 
 def from_uint8(a: np.ndarray) -> torch.Tensor:

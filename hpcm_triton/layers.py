@@ -1,4 +1,4 @@
-"""Convolutional building blocks of HPCM (SPEC §3).
+"""Convolutional building blocks of HPCM (docs/architecture.md §2).
 
 Module and attribute names follow the official release so that its state_dicts load
 without key surgery (``branch.0.pconv.weight`` and so on).

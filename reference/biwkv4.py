@@ -12,8 +12,9 @@ Two implementations:
 
 * :func:`biwkv4_naive` -- the O(T^2) softmax form, computed literally (the ground truth).
 * :func:`biwkv4_scan` -- the O(T) form with two exclusive decayed scans (left and right, each
-  its own scan), chunked, with an analytic backward (an autograd Function). It is the CPU
-  execution path of the models: float32 compute (float64 for float64 inputs) with the
+  its own scan), chunked, with an analytic backward (an autograd Function). The models run it
+  on CPU where the C kernels of ``kernels_cpu`` cannot be built (``backend="torch"``):
+  float32 compute (float64 for float64 inputs) with the
   cross-chunk carries in float64, so its accuracy does not degrade with T; bitwise identical
   results for any number of threads.
 
@@ -76,7 +77,7 @@ def biwkv4_naive(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Ten
 # anchors minus the decay, cummax), so they neither overflow nor underflow whatever w*T and k
 # are, and their rounding does not grow with T. The right-hand sums are their own scans (never
 # a total minus a prefix). The backward runs the same machinery on q = gy/D and r = gy*y/D
-# (SPEC section 1) with a second, distance-weighted recurrence for gw; gw and gu are reduced
+# (docs/biwkv4.md §3) with a second, distance-weighted recurrence for gw; gw and gu are reduced
 # with a fixed pairwise tree. Every op is elementwise, a cummax/amax or a fixed-order tree, so
 # results do not depend on the number of threads.
 

@@ -14,7 +14,7 @@ from hpcm_triton import BitstreamError, bitstream
 from hpcm_triton import images as im
 from hpcm_triton.models import TINY
 from hpcm_triton.models.config import PRESETS
-from hpcm_triton.train import seeded_model
+from hpcm_triton.models.seeded import seeded_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

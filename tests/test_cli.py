@@ -11,7 +11,7 @@ import torch
 
 from hpcm_triton import bitstream, cli
 from hpcm_triton import images as im
-from hpcm_triton.train import seeded_model
+from hpcm_triton.models.seeded import seeded_model
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}  # 1 thread: robust on a shared 2-core box
 

@@ -18,7 +18,7 @@ import torch
 from hpcm_triton import bitstream
 from hpcm_triton import images as im
 from hpcm_triton.entropy.coder import BitstreamError, ParameterMismatchError
-from hpcm_triton.train import seeded_model
+from hpcm_triton.models.seeded import seeded_model
 
 
 @pytest.fixture(scope="module")

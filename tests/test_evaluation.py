@@ -84,7 +84,7 @@ def test_bpp_from_streams_and_from_file(runs, image_dirs):
     assert row["bpp"] == pytest.approx(8 * (row["bytes-y"] + row["bytes-z"]) / px)
     assert row["bpp-file"] == pytest.approx(8 * row["bytes-file"] / px)
     # The difference is exactly the container's header.
-    from hpcm_triton.train import seeded_model
+    from hpcm_triton.models.seeded import seeded_model
 
     m = seeded_model("phase2", "tiny")
     x = im.load_image(image_dirs[1] / "c.png")
@@ -151,7 +151,7 @@ def test_evaluate_official_state_dict_with_model_name(tmp_path, image_dirs, caps
     from hpcm_triton.models.seeded import seeded_init_
 
     sd = {k: v for k, v in seeded_init_(HPCM_Base()).state_dict().items()
-          if not k.startswith("adaptive_params_list.")}  # as released before the 2026-01 fix
+          if not k.startswith("adaptive_params_list.")}  # as the official checkpoints were released
     ck = tmp_path / "official.pth.tar"
     torch.save({"state_dict": sd}, ck)
     del sd

@@ -1,6 +1,6 @@
-"""HPCM-Base against the official release's golden outputs (SPEC §4).
+"""HPCM-Base against the official release's golden outputs (docs/architecture.md §6).
 
-The golden file was written by the official code on CPU with weights set by the SPEC §4
+The golden file was written by the official code on CPU with weights set by the docs/architecture.md §6
 rule; a faithful model reproduces its likelihoods, its bitstreams byte for byte, and its
 decoded image — byte for byte only where this machine computes the same floats as the one
 that made the file (the official code itself writes other bytes on another CPU). This file
@@ -120,7 +120,7 @@ def test_decompress_golden_strings(model, golden, first_difference):
 
 def test_from_official_state_dict_round_trip(model, golden, x):
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith("adaptive_params_list.")}
-    # A pre-2026-01 checkpoint: no adaptive_params_list, no CDF tables.
+    # A checkpoint as the official ones were released: no adaptive_params_list, no CDF tables.
     for k in ["quantized_cdf_z", "cdf_length_z", "offset_z", "quantized_cdf_y", "cdf_length_y", "offset_y", "scale_table"]:
         sd.pop(k)
     with pytest.warns(UserWarning, match="adaptive_params_list"):

@@ -1,4 +1,4 @@
-"""HPCM-Large against the official release on a 256×512 crop of scikit-image's rocket (SPEC §4
+"""HPCM-Large against the official release on a 256×512 crop of scikit-image's rocket (docs/architecture.md §6
 weights), and the machinery that tells "another CPU" from "a bug".
 
 The official code writes different bytes on different CPUs (one float rounds differently, one

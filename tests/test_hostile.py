@@ -19,7 +19,7 @@ from hpcm_triton import BitstreamError, bitstream
 from hpcm_triton import images as im
 from hpcm_triton.entropy import coder
 from hpcm_triton.entropy.coder import CodedStream, DecodeSession, encode
-from hpcm_triton.train import seeded_model
+from hpcm_triton.models.seeded import seeded_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}

@@ -40,7 +40,7 @@ def test_public_names():
         get_model("phase9")
 
 
-EXPECTED_ARCH = {  # (attn_s1, attn_s2, attn_s3, context_net, priors) per SPEC §5
+EXPECTED_ARCH = {  # (attn_s1, attn_s2, attn_s3, context_net, priors) per docs/architecture.md §5
     "hpcm-base": (CrossAttentionCell, CrossAttentionCell, CrossAttentionCell, torch.nn.Conv2d, DWConvSpatialPrior),
     "hpcm-large": (CrossAttentionCell, CrossAttentionCell, CrossAttentionCell, torch.nn.Conv2d, DWConvSpatialPrior),
     "phase1": (CrossAttentionCell, CrossAttentionCell, RWKVContextCell, torch.nn.Conv2d, DWConvSpatialPrior),

@@ -1,4 +1,4 @@
-"""Tests for hpcm_triton.rwkv (SPEC §5 building blocks). Small sizes; CPU; whole file ~tens of s."""
+"""Tests for hpcm_triton.rwkv (docs/architecture.md §5 building blocks). Small sizes; CPU; whole file ~tens of s."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _seed():
 
 # ----------------------------------------------------------------------------- helpers
 def eq5(w, u, k, v):
-    """SPEC §1 Eq. 5 by brute force, independent of the project's operator: (B,T,C) → (B,T,C)."""
+    """docs/biwkv4.md §1 (Eq. 5) by brute force, independent of the project's operator: (B,T,C) → (B,T,C)."""
     B, T, C = k.shape
     idx = torch.arange(T)
     dist = (idx[:, None] - idx[None, :]).abs().to(k.dtype)  # (t, i)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from hpcm_triton import bitstream
 from hpcm_triton import images as im
-from hpcm_triton.train import seeded_model
+from hpcm_triton.models.seeded import seeded_model
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux")

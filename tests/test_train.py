@@ -16,7 +16,9 @@ import torch
 
 from hpcm_triton import HPCM, HPCM_Phase2, HPCM_Phase3, cli, get_model
 from hpcm_triton import images as im
-from hpcm_triton.train import load_checkpoint, rd_loss, seeded_model
+from hpcm_triton.models.seeded import seeded_model
+from hpcm_triton.models.zoo import load_checkpoint
+from hpcm_triton.training.loop import rd_loss
 from hpcm_triton.training import data as D
 from hpcm_triton.training.loop import Precision, build_model, train
 
@@ -150,7 +152,7 @@ def test_validation_best_and_export(tmp_path, photos):
     assert name == "phase3"
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, m.state_dict()[k]), k
-    with pytest.raises(ValueError, match="HPCM_Phase3, not HPCM_Phase2"):
+    with pytest.raises(ValueError, match="for model .phase3., not .phase2."):
         HPCM_Phase2.from_checkpoint(out)
     x = im.load_image(photos / "a.png")[..., :128, :128]
     assert m.decompress(m.compress(x))["x_hat"].shape == x.shape
@@ -201,7 +203,7 @@ def test_amp_bf16_keeps_the_rate_in_float32():
         Precision("cpu", "bf16", False).install(m)
         amp = float(rd_loss(m(x), x, 0.0067)["bpp"])
     assert abs(amp / ref - 1) < 0.01, (ref, amp)
-    assert abs(plain / ref - 1) > 0.05, (ref, plain)
+    assert abs(plain / ref - 1) > 0.01, (ref, plain)
 
 
 def test_amp_and_checkpointing_train_step(tmp_path, photos):

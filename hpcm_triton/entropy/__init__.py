@@ -7,12 +7,11 @@ import importlib
 
 from .coder import BitstreamError, CdfTables, DecodeSession, encode
 
-__all__ = ["BitstreamError", "CdfTables", "DecodeSession", "encode", "GeneralizedGaussian", "LowerBound",
-           "default_scale_table"]
+__all__ = ["BitstreamError", "CdfTables", "DecodeSession", "encode", "GeneralizedGaussian", "default_scale_table"]
 
 
 def __getattr__(name):
-    if name in ("GeneralizedGaussian", "LowerBound", "default_scale_table", "ggm"):
+    if name in ("GeneralizedGaussian", "default_scale_table", "ggm"):
         mod = importlib.import_module(".ggm", __name__)
         return mod if name == "ggm" else getattr(mod, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""The zero-mean generalized-Gaussian entropy model of HPCM (SPEC §3).
+"""The zero-mean generalized-Gaussian entropy model of HPCM (docs/architecture.md §4).
 
 p(q) = F((q + ½)/s) − F((q − ½)/s) with F the CDF of a generalized Gaussian of shape β = 1.5,
 scales bounded below by 0.12 and likelihoods by 1e-9. The 16-bit CDF tables for rANS are
@@ -10,6 +10,7 @@ import math
 
 import scipy.stats
 import torch
+from compressai.ops import LowerBound
 from torch import nn
 
 TAIL_MASS = 1e-6
@@ -19,32 +20,6 @@ CDF_PRECISION = 16
 def default_scale_table(lo: float = 0.12, hi: float = 64.0, levels: int = 60) -> torch.Tensor:
     """exp(linspace(ln lo, ln hi, levels)): the official 60-entry scale table."""
     return torch.exp(torch.linspace(math.log(lo), math.log(hi), levels))
-
-
-class _LowerBoundFn(torch.autograd.Function):
-    """max(x, bound) whose gradient still flows when it pushes x up towards the bound."""
-
-    @staticmethod
-    def forward(ctx, x, bound):
-        ctx.save_for_backward(x, bound)
-        return torch.max(x, bound)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        x, bound = ctx.saved_tensors
-        pass_through = (x >= bound) | (grad_output < 0)
-        return pass_through * grad_output, None
-
-
-class LowerBound(nn.Module):
-    bound: torch.Tensor
-
-    def __init__(self, bound: float):
-        super().__init__()
-        self.register_buffer("bound", torch.tensor([float(bound)]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _LowerBoundFn.apply(x, self.bound.to(x.dtype))
 
 
 class _GenNormCDF(torch.autograd.Function):

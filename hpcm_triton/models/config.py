@@ -1,7 +1,11 @@
-"""One configuration describes every variant: HPCM-Base/Large and the RWKV Phases 1–4 (SPEC §5).
+"""One configuration describes every variant: HPCM-Base/Large and the RWKV Phases 1–4
+(docs/architecture.md §5 has the phase table).
 
 The variants differ only in which context cell each scale uses, which network fuses the
 context between scales, and which spatial prior predicts the entropy parameters.
+
+Torch-free: the command line and the ``.hpcm`` header reader import this module before (or
+without) torch, so every constant they share with the models lives here.
 """
 from __future__ import annotations
 
@@ -73,7 +77,7 @@ class HPCMConfig:
         """The config fields of a JSON-decoded dict (lists back to tuples); other keys are left out."""
         names = {f.name for f in fields(cls)}
         d = dict(d)
-        if "rwkv_prior_blocks" in d:  # the single field of configs saved before 2026-11 (n + 1 blocks, both priors)
+        if "rwkv_prior_blocks" in d:  # older configs had one field for both priors (n + 1 blocks)
             n = d.pop("rwkv_prior_blocks")
             d.setdefault("rwkv_prior_s1_s2_blocks", (n, 1))
             d.setdefault("rwkv_prior_s3_blocks", (n, 1))
@@ -92,5 +96,24 @@ PHASES = {
 FORK_PHASE4 = PHASES[4].with_(rwkv_prior_s3_blocks=(3, 2))
 PRESETS = {"hpcm-base": BASE, "hpcm-large": LARGE, **{f"phase{k}": v for k, v in PHASES.items()}}
 
+# The variants by name, in the order the command line and the tables list them.
+MODEL_NAMES = tuple(PRESETS)
+
 # A small configuration for CPU tests and demos: same structure, narrow widths.
 TINY = dict(M=32, N=32, transform_widths=(16, 24, 32), attention_heads=4)
+
+# Width presets of the command line (``--size``): the TINY widths, or the official ones.
+SIZES = ("tiny", "full")
+
+
+def size_overrides(size: str) -> dict:
+    """The config overrides of a ``--size`` preset: TINY's widths for "tiny", none for "full"."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
+    return dict(TINY) if size == "tiny" else {}
+
+
+# The state_dict buffers that hold the rANS CDF tables (built by ``HPCM.update()``); their
+# sizes change with the tables, so loading takes the checkpoint's sizes.
+TABLE_BUFFERS = ("scale_table", "quantized_cdf_z", "cdf_length_z", "offset_z",
+                 "quantized_cdf_y", "cdf_length_y", "offset_y")

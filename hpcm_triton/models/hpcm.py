@@ -15,24 +15,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+with warnings.catch_warnings():  # compressai 1.2.8 scripts a few functions at import time
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
+    from compressai.models import CompressionModel
+
 from ..entropy import BitstreamError, CdfTables, DecodeSession, GeneralizedGaussian, default_scale_table, encode
-from ..coding_env import coding_path
 from ..layers import conv1x1
-from . import masks
-from .config import BASE, HPCMConfig
+from . import masks, weights
+from .coding import coding_path
+from .config import BASE, TABLE_BUFFERS, HPCMConfig
 from .modules import (CrossAttentionCell, DWConvSpatialPrior, analysis_transform, hyper_analysis, hyper_synthesis,
                       synthesis_transform)
-
-try:  # CompressAI's base class, so isinstance checks and its training/eval loops work (see CompressionModelBase)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
-        from compressai.models import CompressionModel as _CompressAIModel
-except ImportError:  # e.g. a GPU machine without compressai: forward passes still work
-    _CompressAIModel = nn.Module
-
-# rANS tables built by update(): state_dict buffers whose sizes change with the tables.
-TABLE_BUFFERS = ("scale_table", "quantized_cdf_z", "cdf_length_z", "offset_z",
-                  "quantized_cdf_y", "cdf_length_y", "offset_y")
 
 
 # Channel groups per scale: each step codes one position per group, packed densely for rANS.
@@ -83,17 +76,22 @@ class CodedShape(tuple):
         return f"CodedShape(z={tuple(self)}, image_size={self.image_size})"
 
 
-class HPCM(_CompressAIModel):
+class HPCM(CompressionModel):
     """A learned image codec: analysis/synthesis transforms, a hyperprior, and the HPCM
     progressive context model whose cells, fusion and priors are chosen by ``config``.
 
     Input images are (B, 3, H, W) in [0, 1], any H, W ≥ 64: they are padded (centred) to the
     multiple the schedule needs (``config.pad_multiple``) and cropped back.
 
-    A ``compressai.models.CompressionModel`` when compressai is installed: ``update()``,
-    ``aux_loss()``, ``load_state_dict()`` (CDF buffers of any size) and
-    ``compress``/``decompress(strings, shape)`` behave as CompressAI's loops expect.
+    A ``compressai.models.CompressionModel``: ``update()``, ``aux_loss()``,
+    ``load_state_dict()`` (CDF buffers of any size) and ``compress``/``decompress(strings,
+    shape)`` behave as CompressAI's loops expect.
     """
+
+    # The named variants (hpcm-base … phase4, models/zoo.py) register here by name when their
+    # classes are defined; a variant class carries its name in ``variant``.
+    variants: dict = {}
+    variant: str | None = None
 
     def __init__(self, config: HPCMConfig = BASE, **overrides):
         super().__init__()
@@ -228,7 +226,7 @@ class HPCM(_CompressAIModel):
 
         def steps(scale, adaptors, prior, cell, mlist, acc, context_next):
             for i, mask in enumerate(mlist):
-                # Official quirk (SPEC §3 a): adaptors[i - 1] at i = 0 is the scale's *last* adaptor.
+                # Official quirk (docs/architecture.md §4 a): adaptors[i - 1] at i = 0 is the scale's last adaptor.
                 x = adaptors[i - 1](torch.cat((context_next, acc[0]), dim=1))
                 context = prior(x, next(adaptive))
                 context_next = cell(context, context_next)
@@ -412,15 +410,13 @@ class HPCM(_CompressAIModel):
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod
-    def from_checkpoint(cls, path, device="cpu") -> "HPCM":
-        """A ready model (eval mode, CDF tables built) from a training checkpoint or exported
-        weights (``hpcm-triton export``); delegates to :func:`hpcm_triton.train.load_checkpoint`.
-        Called on a variant class (e.g. ``HPCM_Phase3``), a checkpoint of another variant is refused."""
-        from ..training.checkpoint import load_checkpoint
-
-        model, _, _ = load_checkpoint(path, device=device)
-        if cls is not HPCM and not isinstance(model, cls):
-            raise ValueError(f"{path}: checkpoint is for {type(model).__name__}, not {cls.__name__}")
+    def from_checkpoint(cls, path, device="cpu", name: str | None = None) -> "HPCM":
+        """A ready model (eval mode, CDF tables built) from a training checkpoint, exported
+        weights (``hpcm-triton export``) or an official state_dict (which needs ``name``, or a
+        call on a variant class); the formats are described in :mod:`hpcm_triton.models.weights`.
+        Called on a variant class (e.g. ``HPCM_Phase3``), a checkpoint of another variant is
+        refused."""
+        model, _, _ = weights.load_model(path, HPCM.variants, name=name or cls.variant, device=device)
         return model
 
     def extra_repr(self) -> str:

@@ -1,4 +1,4 @@
-"""Position masks and gathers of HPCM's 11-step progressive schedule (SPEC §3).
+"""Position masks and gathers of HPCM's 11-step progressive schedule (docs/architecture.md §3).
 
 y (B, C, H, W) is coded in three scales: s1 = a quarter-resolution sub-lattice (2 steps),
 s2 = half resolution (3 more steps), s3 = full resolution (6 more). Each channel group
@@ -199,7 +199,7 @@ def upsample(y: torch.Tensor, mask_list, height: int, width: int) -> torch.Tenso
 def s2_hyper(params: torch.Tensor, full_s1, full_s2, rec, height: int, width: int) -> torch.Tensor:
     """Hyperprior parameters for the s2 positions that s1 did not code.
 
-    Official quirk, kept on purpose (SPEC §3 b): the values are gathered in raster order of the
+    Official quirk, kept on purpose (docs/architecture.md §4 b): the values are gathered in raster order of the
     full-resolution map and scattered in raster order of the half-resolution map, so for channel
     groups 2–7 they come from other positions than the ones they describe. Training, compress
     and decompress all use this same function, so released checkpoints depend on it.

@@ -1,4 +1,4 @@
-"""HPCM's transforms, spatial priors and windowed cross-attention cell (SPEC §3).
+"""HPCM's transforms, spatial priors and windowed cross-attention cell (docs/architecture.md §2–3).
 
 Widths are parameters (the official code hard-codes them); attribute names and layer order
 match the official release so its state_dicts load unchanged.
@@ -9,6 +9,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from ..layers import DWConvRB, PConvRB, conv1x1, conv2x2_down, conv4x4_down, deconv2x2_up, deconv4x4_up
@@ -95,12 +96,11 @@ class CrossAttentionCell(nn.Module):
         p = self.window_size
         if h % p or w % p:
             raise ValueError(f"CrossAttentionCell with window {p} needs H, W multiples of {p}, got {h}×{w}")
-        return x.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(-1, c, p, p)
+        return rearrange(x, "b c (nh p) (nw q) -> (b nh nw) c p q", p=p, q=p)
 
     def _unwindows(self, x: torch.Tensor, b: int, h: int, w: int) -> torch.Tensor:
         p = self.window_size
-        c = x.shape[1]
-        return x.view(b, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+        return rearrange(x, "(b nh nw) c p q -> b c (nh p) (nw q)", b=b, nh=h // p, nw=w // p)
 
     def forward(self, x_t: torch.Tensor, h_prev: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x_t.shape

@@ -1,7 +1,8 @@
-"""Deterministic weights by parameter name, the rule the golden files were made with (SPEC §4).
+"""Deterministic weights by parameter name, the rule the golden files were made with
+(docs/architecture.md §6).
 
-Useful beyond the golden test: any two machines build bit-identical untrained models, so
-bitstreams written by one decode on the other.
+Useful beyond the golden test: any two processes build the same untrained model from the
+parameter names alone, so the demo and the command line can code files without a checkpoint.
 """
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import zlib
 
 import torch
 from torch import nn
+
+from .config import size_overrides
+from .zoo import get_model
 
 
 @torch.no_grad()
@@ -40,3 +44,13 @@ def checksum(model: nn.Module) -> tuple[float, float]:
         s += float(d.sum())
         s2 += float((d * d).sum())
     return s, s2
+
+
+def seeded_model(name: str, size: str = "tiny", **overrides) -> nn.Module:
+    """An untrained variant with :func:`seeded_init_` weights, eval mode, CDF tables built:
+    the model of the demo and of files written without ``--checkpoint``. A test and demo
+    fixture; training starts from the modules' designed initialisation instead."""
+    model = seeded_init_(get_model(name, **{**size_overrides(size), **overrides}))
+    model.eval()
+    model.update(force=True)
+    return model

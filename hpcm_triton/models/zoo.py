@@ -1,15 +1,23 @@
-"""Named variants: HPCM-Base/Large (weight-compatible with the official release) and Phases 1–4."""
+"""Named variants: HPCM-Base/Large (weight-compatible with the official release) and Phases 1–4,
+and their registration in CompressAI's registries."""
 from __future__ import annotations
-
 
 from .config import BASE, LARGE, PHASES, HPCMConfig
 from .hpcm import HPCM
-from .official import load_official
+from .weights import load_model, load_official, unwrap_state_dict
 
 
 class _Variant(HPCM):
+    """A named variant: a class per entry of ``config.PRESETS``, registered in ``HPCM.variants``."""
+
     preset: HPCMConfig = BASE
     strict_official = True
+
+    def __init_subclass__(cls, variant: str | None = None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if variant is not None:
+            cls.variant = variant
+            HPCM.variants[variant] = cls
 
     def __init__(self, **overrides):
         super().__init__(self.preset, **overrides)
@@ -20,8 +28,8 @@ class _Variant(HPCM):
 
         HPCM-Base/Large: every key must match (checkpoints without ``adaptive_params_list.*``
         get ones, with a warning). Phases: the parts shared with HPCM-Base load, the new RWKV
-        parts keep their seeded initialisation; ``model.load_report`` lists both.
-        Raises :class:`~hpcm_triton.models.official.CheckpointMismatchError` naming bad keys.
+        parts keep their initialisation; ``model.load_report`` lists both.
+        Raises :class:`~hpcm_triton.models.weights.CheckpointMismatchError` naming bad keys.
         """
         model = cls(**overrides)
         model.load_report = load_official(model, state_dict, strict_shared=cls.strict_official)
@@ -29,20 +37,14 @@ class _Variant(HPCM):
         model.update()
         return model
 
-
     @classmethod
     def from_state_dict(cls, state_dict: dict, **overrides) -> "HPCM":
         """CompressAI's constructor from weights (``compressai.zoo``, ``eval_model checkpoint``):
         a ready model from a state_dict with official key names, at the widths the state_dict
         has. M, N and the transform widths are read from its shapes; other config fields are
-        the preset's unless given as ``overrides``. ``module.`` prefixes (DataParallel) and a
-        ``{"state_dict": ...}`` wrapper are accepted."""
-        sd = state_dict
-        for key in ("state_dict", "network", "model_state_dict"):
-            if isinstance(sd.get(key), dict):
-                sd = sd[key]
-        if sd and all(k.startswith("module.") for k in sd):
-            sd = {k[len("module."):]: v for k, v in sd.items()}
+        the preset's unless given as ``overrides``. Wrappers and ``module.`` prefixes are
+        accepted as :func:`~hpcm_triton.models.weights.unwrap_state_dict` describes."""
+        sd = unwrap_state_dict(state_dict)
         inferred = {}
         try:
             widths = tuple(int(sd[f"g_a.branch.{i}.weight"].shape[0]) for i in _ga_down_indices(sd))
@@ -68,27 +70,42 @@ def _ga_down_indices(sd: dict) -> list:
     return idx
 
 
-class HPCM_Base(_Variant):
+class HPCM_Base(_Variant, variant="hpcm-base"):
     """HPCM-Base (68.5 M parameters at the official widths)."""
     preset = BASE
 
 
-class HPCM_Large(_Variant):
+class HPCM_Large(_Variant, variant="hpcm-large"):
     """HPCM-Large: deeper transforms and priors (89.7 M parameters)."""
     preset = LARGE
 
 
-def _phase(n: int, doc: str):
-    return type(f"HPCM_Phase{n}", (_Variant,), {"preset": PHASES[n], "strict_official": False, "__doc__": doc})
+class _Phase(_Variant):
+    strict_official = False  # an official checkpoint fills the shared parts; the RWKV parts are new
 
 
-HPCM_Phase1 = _phase(1, "Phase 1: RWKV context cell at s3 (rate 4); s1/s2 keep cross-attention.")
-HPCM_Phase2 = _phase(2, "Phase 2: RWKV context cells at s1/s2/s3 (rates 2/3/4).")
-HPCM_Phase3 = _phase(3, "Phase 3: Phase 2 + RWKVFusionNet between scales (context_net).")
-HPCM_Phase4 = _phase(4, "Phase 4: Phase 3 + RWKV spatial priors.")
+class HPCM_Phase1(_Phase, variant="phase1"):
+    """Phase 1: RWKV context cell at s3 (rate 4); s1/s2 keep cross-attention."""
+    preset = PHASES[1]
 
-MODELS = {"hpcm-base": HPCM_Base, "hpcm-large": HPCM_Large, "phase1": HPCM_Phase1, "phase2": HPCM_Phase2,
-          "phase3": HPCM_Phase3, "phase4": HPCM_Phase4}
+
+class HPCM_Phase2(_Phase, variant="phase2"):
+    """Phase 2: RWKV context cells at s1/s2/s3 (rates 2/3/4)."""
+    preset = PHASES[2]
+
+
+class HPCM_Phase3(_Phase, variant="phase3"):
+    """Phase 3: Phase 2 + RWKVFusionNet between scales (context_net)."""
+    preset = PHASES[3]
+
+
+class HPCM_Phase4(_Phase, variant="phase4"):
+    """Phase 4: Phase 3 + RWKV spatial priors."""
+    preset = PHASES[4]
+
+
+# Variant name → class, in the order of config.MODEL_NAMES (the registry HPCM.variants itself).
+MODELS = HPCM.variants
 
 
 def get_model(name: str, **overrides) -> HPCM:
@@ -101,9 +118,16 @@ def get_model(name: str, **overrides) -> HPCM:
     return cls(**overrides)
 
 
+def load_checkpoint(path, name: str | None = None, device="cpu", *, fallback_name: str | None = None):
+    """``(model, variant name, loaded dict)`` from a checkpoint of any format
+    (:func:`hpcm_triton.models.weights.load_model` with the registered variants): what the
+    command line, evaluation and training use to read weights."""
+    return load_model(path, MODELS, name, device, fallback_name=fallback_name)
+
+
 def param_groups(model: HPCM, lr: float = 1e-4, rwkv_lr: float = 5e-5) -> list[dict]:
-    """Optimizer groups the seed recommends: RWKV modules (context cells, RWKV fusion, RWKV
-    priors) at ``rwkv_lr``, everything else at ``lr``."""
+    """Optimizer groups recommended for fine-tuning a phase (docs/architecture.md §5): the RWKV
+    modules (context cells, RWKV fusion, RWKV priors) at ``rwkv_lr``, everything else at ``lr``."""
     rwkv = model.config.rwkv_modules
     slow, fast = [], []
     for name, p in model.named_parameters():
@@ -121,17 +145,15 @@ def register_compressai() -> bool:
     ``compressai.zoo.image.model_architectures`` (what ``eval_model checkpoint -a NAME`` builds
     with ``from_state_dict``), and ``compressai.zoo.image_models`` / ``compressai.zoo.models``
     (factories ``f(quality, metric="mse", pretrained=False)``; no pretrained weights ship, so
-    ``pretrained=True`` raises). Called on import; returns False without compressai."""
-    try:
-        import warnings
+    ``pretrained=True`` raises). Runs when this module is imported, which ``import hpcm_triton``
+    arranges as soon as compressai's zoo is loaded (``hpcm_triton/__init__.py``)."""
+    import warnings
 
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
-            import compressai.zoo
-            import compressai.zoo.image
-            from compressai.registry import MODELS as REGISTRY, register_model
-    except ImportError:
-        return False
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
+        import compressai.zoo
+        import compressai.zoo.image
+        from compressai.registry import MODELS as REGISTRY, register_model
     for name, cls in MODELS.items():
         if REGISTRY.get(name) is not cls:
             register_model(name)(cls)

@@ -1,7 +1,7 @@
-"""RWKV building blocks for the HPCM Phase 1–4 hybrids (SPEC §5).
+"""RWKV building blocks for the HPCM Phase 1–4 hybrids (docs/architecture.md §5).
 
 All modules take and return feature maps ``(B, C, H, W)``; inside, tokens are ``(B, H·W, C)`` in
-raster order, the layout of ``kernels_triton.biwkv4`` (Bi-WKV4, SPEC §1).
+raster order, the layout of ``kernels_triton.biwkv4`` (Bi-WKV4, docs/biwkv4.md).
 
 * :class:`OmniShift` — depthwise 1×1/3×3/5×5 + identity shift, fused to one 5×5 in eval mode.
 * :class:`SpatialMix` — OmniShift → k, v, r → Bi-WKV4(decay/T, boost/T, k, v) → σ(r)⊙y → out.

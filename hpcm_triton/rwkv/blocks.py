@@ -23,7 +23,7 @@ class RWKVFusionBlock(nn.Module):
 
     Note: the public fork (yutendo0714/LIC-HPCM-LALIC) instead computes
     ``x + γ·(LN(Mix(x)) − x)`` (norm after the mixer, γ=1 replaces x); this module follows the
-    pre-norm form that SPEC §5 and LALIC specify.
+    pre-norm form of docs/architecture.md §5 and of LALIC.
 
     Args:
         dim: channels C.

@@ -27,7 +27,7 @@ class RWKVContextCell(nn.Module):
 
     Choices and where they come from:
 
-    * The query/key-value split follows HPCM's cell (and the brief), not the public fork
+    * The query/key-value split follows HPCM's cell (docs/architecture.md §3), not the public fork
       (yutendo0714/LIC-HPCM-LALIC). The fork concatenates ``[x_t, h_prev]``, mixes them with a
       conv1×1(2C→C), runs one single-stream post-norm RWKV block and a conv1×1 output
       projection; there, x_t and h_prev play symmetric roles and the "cross" structure of the

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from einops import rearrange
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -22,13 +23,12 @@ __all__ = ["SpatialMix", "ChannelMix", "to_tokens", "to_map"]
 
 def to_tokens(x: Tensor) -> Tensor:
     """``(B, C, H, W)`` → ``(B, H·W, C)``, raster order."""
-    return x.flatten(2).transpose(1, 2)
+    return rearrange(x, "b c h w -> b (h w) c")
 
 
 def to_map(x: Tensor, H: int, W: int) -> Tensor:
     """``(B, H·W, C)`` → ``(B, C, H, W)``, inverse of :func:`to_tokens`."""
-    B, T, C = x.shape
-    return x.transpose(1, 2).reshape(B, C, H, W)
+    return rearrange(x, "b (h w) c -> b c h w", h=H, w=W)
 
 
 def maybe_checkpoint(enabled: bool, module: nn.Module, fn, *args):
@@ -41,8 +41,8 @@ def maybe_checkpoint(enabled: bool, module: nn.Module, fn, *args):
 
 
 def _biwkv4(w: Tensor, u: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
-    # Imported at call time so that this package imports even where the operator package
-    # cannot (it pulls in triton); Python caches the module after the first call.
+    # Imported at first use, so that building a model without RWKV modules never loads the
+    # operator package; Python caches the module after the first call.
     from kernels_triton import biwkv4
 
     return biwkv4(w, u, k, v, backend=backend)

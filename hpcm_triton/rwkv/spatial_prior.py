@@ -22,7 +22,7 @@ class RWKVSpatialPrior(nn.Module):
         branch_1 = num_blocks × RWKVFusionBlock(3M, hidden_rate)
         branch_2 = num_post_blocks × RWKVFusionBlock(3M, hidden_rate), conv1×1(3M → 2M, bias)
 
-    Phase 4 as the seed builds it uses ``RWKVSpatialPrior(M)`` (2 + 1 blocks) for both priors;
+    Phase 4 as docs/architecture.md §5 specifies it uses ``RWKVSpatialPrior(M)`` (2 + 1 blocks) for both priors;
     the fork's s3 layout (3 + 2) is selectable through ``HPCMConfig.rwkv_prior_s3_blocks``
     (``hpcm_triton.models.config.FORK_PHASE4``). The submodule names ``branch_1``/``branch_2``
     mirror the official ones.

@@ -1,7 +1,7 @@
 """The trainer: one process, or K processes under ``torchrun`` (DistributedDataParallel).
 
 ``run(given, out=..., resume=..., override=..., force=...)`` is what ``hpcm-triton train`` calls;
-``given`` holds the run-configuration options (``train_args.DEFAULTS`` keys; None = not given).
+``given`` holds the run-configuration options (``training.config.DEFAULTS`` keys; None = not given).
 
 Determinism, and why K processes equal one:
 
@@ -32,82 +32,14 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .. import images as im
-from ..models import TINY
-from ..models.config import HPCMConfig
-from ..models.official import load_official
+from ..models.config import HPCMConfig, size_overrides
+from ..models.weights import (is_hpcm_triton_format, load_official, read_checkpoint, strip_module_prefix,
+                              unwrap_state_dict)
 from ..models.zoo import MODELS, get_model, param_groups
-from ..train_args import AMP, DEFAULTS, IDENTITY, METRICS
+from ..progress import StepProgress
 from . import data as D
-from .checkpoint import is_training_format, official_state_dict, read_checkpoint, save_atomic, strip_module_prefix
-
-SIZES = ("tiny", "full")
-TRAIN_FORMAT = "hpcm-triton-train/1"
-
-
-def size_overrides(size: str) -> dict:
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
-    return dict(TINY) if size == "tiny" else {}
-
-
-# ---------------------------------------------------------------- configuration
-def resolve_config(given: dict, saved: dict | None = None, override: bool = False) -> tuple[dict, list]:
-    """Defaults < the saved run (on resume) < options given. Returns (config, changed keys)."""
-    cfg = dict(DEFAULTS)
-    if saved:
-        cfg.update({k: saved[k] for k in DEFAULTS if k in saved})
-    changed = []
-    for k, v in given.items():
-        if k not in DEFAULTS:
-            raise ValueError(f"unknown training option {k!r}")
-        if v is None:
-            continue
-        if saved is not None and cfg.get(k) != v:
-            changed.append(k)
-        cfg[k] = v
-    if saved is not None:
-        refused = [k for k in changed if k in IDENTITY]
-        if refused and not override:
-            what = ", ".join(f"{k} ({saved.get(k)!r} → {cfg[k]!r})" for k in refused)
-            raise ValueError(f"resume would change {what}"
-                             + ": pass --override to accept")
-    return cfg, changed
-
-
-def validate_config(cfg: dict) -> dict:
-    """One clear ValueError per bad option."""
-    def need(cond, msg):
-        if not cond:
-            raise ValueError(msg)
-
-    cfg = dict(cfg)
-    cfg["model"] = str(cfg["model"]).lower()
-    need(cfg["model"] in MODELS, f"unknown model {cfg['model']!r}; choose from {', '.join(MODELS)}")
-    need(cfg["size"] in SIZES, f"--size must be one of {', '.join(SIZES)}, got {cfg['size']!r}")
-    need(cfg["metric"] in METRICS, f"--metric must be one of {', '.join(METRICS)}, got {cfg['metric']!r}")
-    need(cfg["amp"] in AMP, f"--amp must be one of {', '.join(AMP)}, got {cfg['amp']!r}")
-    for k, flag in (("lmbda", "--lmbda"), ("lr", "--lr"), ("rwkv_lr", "--rwkv-lr"), ("gamma", "--gamma")):
-        v = cfg[k]
-        need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f"{flag} must be > 0, got {v}")
-    need(math.isfinite(cfg["grad_clip"]) and cfg["grad_clip"] >= 0,
-         f"--grad-clip must be ≥ 0, got {cfg['grad_clip']}")
-    for k, lo in (("steps", 1), ("batch_size", 1), ("checkpoint_every", 1), ("log_every", 1), ("workers", 0),
-                  ("val_every", 0), ("val_max_images", 0), ("freeze_inherited", 0), ("seed", 0), ("val_crop", 0)):
-        v = cfg[k]
-        need(isinstance(v, int) and v >= lo, f"--{k.replace('_', '-')} must be an integer ≥ {lo}, got {v}")
-    need(isinstance(cfg["crop"], int) and cfg["crop"] >= 64, f"--crop must be ≥ 64 (the models' minimum), got "
-         f"{cfg['crop']}")
-    need(cfg["val_crop"] == 0 or cfg["val_crop"] >= 64, f"--val-crop must be 0 or ≥ 64, got {cfg['val_crop']}")
-    if cfg["metric"] == "ms-ssim":
-        need(cfg["crop"] > 160, f"--metric ms-ssim needs --crop > 160 (5 MS-SSIM scales), got {cfg['crop']}")
-        need(cfg["val_crop"] == 0 or cfg["val_crop"] > 160, "--metric ms-ssim needs --val-crop 0 or > 160")
-    ms = list(cfg["milestones"] or [])
-    need(all(isinstance(m, int) and m >= 1 for m in ms) and ms == sorted(set(ms)),
-         f"--milestones must be increasing step numbers ≥ 1, got {ms}")
-    cfg["milestones"] = ms
-    need(cfg["freeze_inherited"] == 0 or cfg["init_official"], "--freeze-inherited needs --init-official (without "
-         "it, no part of the model is inherited)")
-    return cfg
+from .checkpoint import TRAIN_FORMAT, save_atomic
+from .config import resolve_config, validate_config
 
 
 # ---------------------------------------------------------------- distributed
@@ -186,11 +118,11 @@ def build_model(cfg: dict) -> tuple[torch.nn.Module, dict]:
     src = cfg.get("init_official")
     if src:
         ck = read_checkpoint(src)
-        if is_training_format(ck):
-            raise ValueError(f"{src}: is a hpcm-triton training checkpoint, not an official HPCM release "
-                             "(continue it with --resume)")
+        if is_hpcm_triton_format(ck):
+            raise ValueError(f"{src}: is a hpcm-triton checkpoint, not an official HPCM release "
+                             "(continue a training run with --resume)")
         try:
-            sd = official_state_dict(ck)
+            sd = unwrap_state_dict(ck)
             rep = load_official(model, sd, strict_shared=MODELS[cfg["model"]].strict_official)
         except ValueError as e:
             raise ValueError(f"{src}: does not fit {cfg['model']} ({e})") from None
@@ -344,7 +276,7 @@ def validate(model, images: list, lmbda: float, metric: str, device, precision: 
 # ---------------------------------------------------------------- logs
 class RunLog:
     """log.jsonl (one JSON object per line, appended, never rewritten), TensorBoard events when
-    the package is installed, and a progress bar on a terminal or plain lines otherwise.
+    the package is installed, and progress on stdout (:class:`~hpcm_triton.progress.StepProgress`).
     Only rank 0 writes."""
 
     def __init__(self, out: Path, enabled: bool, total: int, start: int, label: str):
@@ -360,10 +292,7 @@ class RunLog:
             self.tb = SummaryWriter(str(out / "tb"))
         except Exception:  # tensorboard is an optional extra
             self.tb = None
-        if sys.stdout.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, desc=label, dynamic_ncols=True)
+        self.bar = StepProgress(total, label, initial=start, file=sys.stdout)
 
     def write(self, rec: dict) -> None:
         if not self.enabled:
@@ -381,28 +310,20 @@ class RunLog:
                             self.tb.add_scalar(f"{prefix}/{k}_{kk}", vv, rec["step"])
 
     def say(self, msg: str) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
+        if self.enabled:
             self.bar.write(msg)
-        else:
-            print(msg, flush=True)
 
     def progress(self, step: int, rec: dict | None) -> None:
         if not self.enabled:
             return
-        if self.bar is not None:
-            self.bar.n = step
-            if rec:
-                self.bar.set_postfix(loss=f"{rec['loss']:.4f}", bpp=f"{rec['bpp']:.4f}", psnr=f"{rec['psnr']:.2f}",
-                                     refresh=False)
-            self.bar.refresh()
-        elif rec:
-            print(f"step {rec['step']}: loss {rec['loss']:.4f} bpp {rec['bpp']:.4f} (y {rec['bpp_y']:.4f}, "
-                  f"z {rec['bpp_z']:.4f}) PSNR {rec['psnr']:.2f} dB, lr " +
-                  "/".join(f"{v:.3g}" for v in rec["lr"].values()) +
-                  f", |g| {rec['grad_norm']:.3g}, skipped {rec['skipped']}, {rec['images_per_s']:.2f} img/s",
-                  flush=True)
+        if rec:
+            self.bar.update_to(step, loss=f"{rec['loss']:.4f}", bpp=f"{rec['bpp']:.4f}", psnr=f"{rec['psnr']:.2f}")
+            self.bar.line(f"step {rec['step']}: loss {rec['loss']:.4f} bpp {rec['bpp']:.4f} (y {rec['bpp_y']:.4f}, "
+                          f"z {rec['bpp_z']:.4f}) PSNR {rec['psnr']:.2f} dB, lr " +
+                          "/".join(f"{v:.3g}" for v in rec["lr"].values()) +
+                          f", |g| {rec['grad_norm']:.3g}, skipped {rec['skipped']}, {rec['images_per_s']:.2f} img/s")
+        else:
+            self.bar.update_to(step)
 
     def close(self):
         if self.bar is not None:
@@ -442,7 +363,7 @@ def _inherited_params(model, new_modules: list) -> list:
 
 def run(given: dict, out: str | os.PathLike = "runs/train", resume: bool = False, override: bool = False,
         force: bool = False) -> dict:
-    """Train. ``given``: run options (see ``train_args.DEFAULTS``; missing or None = default, or
+    """Train. ``given``: run options (see ``training.config.DEFAULTS``; missing or None = default, or
     the saved value on resume). Returns a summary dict (rank, last, history, val, …)."""
     given = {k: v for k, v in given.items() if v is not None}
     out = Path(out)
@@ -452,7 +373,7 @@ def run(given: dict, out: str | os.PathLike = "runs/train", resume: bool = False
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"{ckpt_path}: no checkpoint to resume")
         saved = read_checkpoint(ckpt_path)
-        if not (is_training_format(saved) and isinstance(saved.get("run"), dict) and "optimizer" in saved):
+        if not (is_hpcm_triton_format(saved) and isinstance(saved.get("run"), dict) and "optimizer" in saved):
             raise ValueError(f"{ckpt_path}: not a hpcm-triton training checkpoint (cannot resume it)")
     cfg, changed = resolve_config(given, saved["run"] if saved else None, override)
     cfg = validate_config(cfg)

@@ -9,7 +9,7 @@
  * are summed over b afterwards in a fixed order: results are bitwise independent of the number
  * of threads.
  *
- * Numerics (the same design as the Triton kernels and reference.biwkv4_scan):
+ * Numerics (the anchoring of reference.biwkv4_scan, with its own task layout and carries):
  * - inside a chunk, exponentials are anchored at a per-chunk, per-channel unit U_n =
  *   max(max_j k_j + max(u, 0), left carry's anchor, right carry's anchor); every local term
  *   e^{k_j - U_n} is <= 1 and the decay across a chunk is bounded (L |w| <= BUDGET), so the

@@ -1,83 +1,43 @@
-"""Command-line arguments of the training subcommands ``train`` and ``export``.
+"""Command-line options of ``hpcm-triton train`` and ``hpcm-triton export``: argparse only.
 
-Kept free of torch imports so ``hpcm-triton --help`` answers without loading torch: each
-subcommand imports its implementation only when it runs.
-
-Every run-configuration option of ``train`` has ``default=None`` on the parser, so that the
-trainer can tell an option the user gave from one left out: a fresh run fills the gaps from
-:data:`DEFAULTS`, a resumed run from the checkpoint's saved configuration (and refuses a changed
-λ, model or metric unless ``--override``).
+Torch-free, so ``hpcm-triton --help`` answers without loading torch. Every run-configuration
+option of ``train`` has ``default=None`` on the parser, so that the trainer can tell an option
+the user gave from one left out (see :mod:`hpcm_triton.training.config`).
 """
 from __future__ import annotations
 
-ALL_MODELS = ("hpcm-base", "hpcm-large", "phase1", "phase2", "phase3", "phase4")
-METRICS = ("mse", "ms-ssim")
-AMP = ("none", "bf16", "fp16")
+import argparse
 
-# The run configuration and its defaults (SPEC §3: Adam 1e-4, grad-clip 1.0, 256² crops; the
-# seed's RWKV learning rate 5e-5). A checkpoint stores the resolved dict under "run".
-DEFAULTS = {
-    "model": "phase3", "size": "full", "data": None, "val": None, "val_every": 1000, "val_crop": 0,
-    "val_max_images": 0, "steps": 1000, "batch_size": 8, "crop": 256, "lmbda": 0.0067, "metric": "mse",
-    "lr": 1e-4, "rwkv_lr": 5e-5, "milestones": [], "gamma": 0.1, "grad_clip": 1.0, "workers": 2,
-    "amp": "none", "grad_checkpointing": False, "init_official": None, "freeze_inherited": 0,
-    "checkpoint_every": 500, "log_every": 10, "seed": 0, "device": "cpu",
-}
-# Changing one of these on --resume changes what is being trained: refused unless --override.
-IDENTITY = ("model", "size", "lmbda", "metric")
+from ..models.config import MODEL_NAMES, SIZES
+from .config import AMP, DEFAULTS, METRICS
 
 
-def _args_to_config(args) -> dict:
-    """The options given on the command line (None = not given) as a config dict."""
+def to_config(args) -> dict:
+    """The options given on the command line (None = not given) as a run-configuration dict."""
     cfg = {k: getattr(args, k) for k in DEFAULTS}
     if args.milestones is not None:
         cfg["milestones"] = [int(s) for s in args.milestones]
     return cfg
 
 
-def cmd_train(args) -> int:
-    from .training.loop import run
-
-    res = run(_args_to_config(args), out=args.out, resume=args.resume, override=args.override, force=args.force)
-    if res["rank"] == 0:
-        last = res["last"]
-        if last:
-            print(f"step {last['step']}: loss {last['loss']:.4f}, bpp {last['bpp']:.4f}, PSNR {last['psnr']:.2f} dB, "
-                  f"skipped steps {res['skipped']}")
-        if res.get("best_val") is not None:
-            print(f"best validation loss {res['best_val']:.4f} (step {res['best_step']}): {res['best_path']}")
-        print(f"checkpoint: {res['checkpoint']}; log: {res['log']}")
-    return 0
-
-
-def cmd_export(args) -> int:
-    from .training.checkpoint import export_weights
-
-    info = export_weights(args.checkpoint, args.output, force=args.force)
-    print(f"{args.checkpoint} → {args.output}: {info['model']} weights with CDF tables "
-          f"(step {info['step']}, λ {info['lmbda']}), {info['bytes']:,} bytes")
-    return 0
-
-
 def _ints(s: str) -> list:
     try:
         return [int(v) for v in s.replace(",", " ").split()] if s.strip() else []
     except ValueError:
-        import argparse
-
         raise argparse.ArgumentTypeError(f"expected comma-separated step numbers, got {s!r}") from None
 
 
-def register(sub) -> None:
-    """Add the training subcommands to ``sub`` (an argparse subparsers object)."""
+def register(sub, train, export) -> None:
+    """Add the ``train`` and ``export`` subcommands to ``sub`` (an argparse subparsers object),
+    run by the functions ``train(args)`` and ``export(args)``."""
     t = sub.add_parser("train", help="train a variant (λ·255²·MSE + bpp, or λ·(1 − MS-SSIM) + bpp); "
                        "torchrun --nproc_per_node=K runs it distributed",
                        description="Train a variant. Options left out take their defaults (shown), or on "
                        "--resume the values saved in the checkpoint.")
     d = DEFAULTS
     g = t.add_argument_group("model")
-    g.add_argument("--model", default=None, choices=ALL_MODELS, type=str.lower, help=f"(default {d['model']})")
-    g.add_argument("--size", default=None, choices=("tiny", "full"),
+    g.add_argument("--model", default=None, choices=MODEL_NAMES, type=str.lower, help=f"(default {d['model']})")
+    g.add_argument("--size", default=None, choices=SIZES,
                    help="tiny: small test widths (fast on CPU); full: the official widths (default full)")
     g.add_argument("--init-official", metavar="CKPT", default=None,
                    help="start from an official HPCM-Base/Large checkpoint (plain state_dict, {'state_dict': ...}, "
@@ -127,10 +87,12 @@ def register(sub) -> None:
                    help=f"save OUT/checkpoint.pt every N steps (default {d['checkpoint_every']})")
     g.add_argument("--log-every", type=int, default=None, help=f"append a log.jsonl line every N steps "
                    f"(default {d['log_every']})")
-    t.set_defaults(func=cmd_train)
+    t.set_defaults(func=train)
 
-    x = sub.add_parser("export", help="training checkpoint → deployable weights with CDF tables")
+    x = sub.add_parser("export", help="training checkpoint → deployable weights with CDF tables",
+                       description="Write a training checkpoint's weights, configuration and CDF tables (no "
+                       "optimizer or RNG state) to a file that --checkpoint and HPCM.from_checkpoint load.")
     x.add_argument("checkpoint", help="a training checkpoint (RUN/best.pt or RUN/checkpoint.pt)")
-    x.add_argument("-o", "--output", required=True)
+    x.add_argument("-o", "--output", required=True, help="the weights file to write (e.g. phase3_0067.pth)")
     x.add_argument("--force", action="store_true", help="overwrite an existing output file")
-    x.set_defaults(func=cmd_export)
+    x.set_defaults(func=export)
