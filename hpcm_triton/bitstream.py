@@ -419,7 +419,8 @@ def describe_file(info: dict) -> dict:
     total = info["header_bytes"] + sum(len(s) for s in ys + zs)
     return {"format version": info["version"], "model": info["model"],
             "config overrides": config_overrides(info["model"], info["config"]) or "none (official widths)",
-            "image size": f"{H}×{W}" + (f" × {info['n_images']} images" if info["n_images"] > 1 else ""),
+            "image size": f"{H}×{W} (height×width)" + (f" × {info['n_images']} images" if info["n_images"] > 1
+                                                        else ""),
             "z shape": "×".join(map(str, info["shape"])),
             "file bytes": f"{total:,} ({8 * total / (H * W * info['n_images']):.4f} bpp)",
             "header bytes": info["header_bytes"],

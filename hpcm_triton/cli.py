@@ -125,7 +125,7 @@ def cmd_demo(args) -> int:
         for name in args.models:
             _check_output(keep / f"{stem}.{name}.hpcm", args.force, [args.image])
     H, W = x.shape[-2:]
-    print(f"hpcm-triton demo: image {label} ({H}×{W}), widths: {args.size} "
+    print(f"hpcm-triton demo: image {label} ({H}×{W}, height×width), widths: {args.size} "
           f"({'official' if args.size == 'full' else 'TINY test widths'}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads, device {args.device}")
     print(UNTRAINED_NOTE)
@@ -205,14 +205,15 @@ def cmd_compress(args) -> int:
 
     _, x = im.resolve_image(args.input, report=_note)  # a file, or a bundled photo name
     if min(x.shape[-2:]) < 64:
-        raise UserError(f"{args.input}: image is {x.shape[-2]}×{x.shape[-1]}, the models need at least 64×64")
+        raise UserError(f"{args.input}: image is {x.shape[-2]}×{x.shape[-1]} (height×width), the models need at "
+                        "least 64×64")
     model, name = _model(args.model, args.size, args.checkpoint, args.device)
     t0 = time.perf_counter()
     comp = model.compress(x.to(args.device), threads=torch.get_num_threads() if args.threads is None else args.threads)
     n = bitstream.write(out, name, model, comp)
     dt = time.perf_counter() - t0
     H, W = x.shape[-2:]
-    print(f"{args.input} ({H}×{W}) → {out}: {n:,} bytes, {8 * n / (H * W):.4f} bpp, {name}"
+    print(f"{args.input} ({H}×{W}, height×width) → {out}: {n:,} bytes, {8 * n / (H * W):.4f} bpp, {name}"
           f"{'' if args.checkpoint else f' ({args.size}, untrained seeded weights)'}, "
           f"{comp['threads']} coding thread(s), {dt:.2f} s")
     return 0
@@ -248,7 +249,7 @@ def cmd_decompress(args) -> int:
     dt = time.perf_counter() - t0
     im.save_image(x_hat.cpu(), out)
     H, W = info["image_size"]
-    print(f"{args.input} → {out} ({H}×{W}), {name}, {dt:.2f} s")
+    print(f"{args.input} → {out} ({H}×{W}, height×width, 8-bit RGB), {name}, {dt:.2f} s")
     return 0
 
 
@@ -298,9 +299,11 @@ def cmd_evaluate(args) -> int:
             ("ms-ssim-rgb", "MS-SSIM", "{:.4f}"), ("encoding_time", "enc s", "{:.2f}"),
             ("decoding_time", "dec s", "{:.2f}")]
     cols = [c for c in cols if c[0] in r]
-    print(f"{'point':<6} " + " ".join(f"{h:>8}" for _, h, _ in cols))
-    for i in range(len(r["bpp"])):
-        print(f"{i:<6} " + " ".join(f"{fmt.format(r[k][i]):>8}" for k, _, fmt in cols))
+    labels = [Path(c).name for c in args.checkpoints] or [res["name"]]
+    w = max(len("point"), *map(len, labels))
+    print(f"{'point':<{w}} " + " ".join(f"{h:>8}" for _, h, _ in cols))
+    for i, label in enumerate(labels):
+        print(f"{label:<{w}} " + " ".join(f"{fmt.format(r[k][i]):>8}" for k, _, fmt in cols))
     for label, values in res["bd_rate"].items():
         print(f"BD-rate vs {label}: " + ", ".join(f"{m} {v:+.2f} %" for m, v in values.items()))
     for n in res["notes"]:

@@ -130,14 +130,25 @@ def _pixels(im) -> tuple[np.ndarray, list[str]]:
     return rgb, notes
 
 
-def _png_bit_depth(path: Path) -> int | None:
+def _png_header(path: Path) -> tuple[int, int] | None:
+    """(bit depth, colour type) from a PNG's IHDR, or None for another file."""
     with open(path, "rb") as f:
         head = f.read(26)
-    return head[24] if len(head) == 26 and head[12:16] == b"IHDR" else None
+    return (head[24], head[25]) if len(head) == 26 and head[12:16] == b"IHDR" else None
+
+
+def _png16_colour(path: Path) -> np.ndarray:
+    """A 16-bit colour PNG at full precision → (H, W, 3) float32 in [0, 1] (alpha dropped).
+    Pillow reads these at 8 bits; torchvision's PNG decoder keeps all 16."""
+    from torchvision.io import ImageReadMode, decode_png, read_file
+
+    a = decode_png(read_file(str(path)), mode=ImageReadMode.UNCHANGED)  # (C, H, W) uint16
+    return (a[:3].permute(1, 2, 0).to(torch.float64) / 65535.0).to(torch.float32).numpy()
 
 
 def load_image(path: str | os.PathLike, report=None) -> torch.Tensor:
-    """Read an image file (PNG, JPEG, … via Pillow) → (1, 3, H, W) float32 in [0, 1].
+    """Read an image file (PNG, JPEG, … via Pillow; 16-bit colour PNG via torchvision) →
+    (1, 3, H, W) float32 in [0, 1].
 
     Any bit depth and mode Pillow reads is converted (see :func:`_pixels`); ``report(msg)`` is
     called once with what was converted, if anything. Raises FileNotFoundError for a missing
@@ -153,13 +164,18 @@ def load_image(path: str | os.PathLike, report=None) -> torch.Tensor:
     try:
         with Image.open(path) as im:
             im.load()
-            pixels, notes = _pixels(im)
-            if im.format == "PNG" and im.mode in ("RGB", "RGBA") and _png_bit_depth(path) == 16:
-                notes.insert(0, "16-bit colour read at 8-bit precision")
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            if im.format == "PNG" and im.mode in ("RGB", "RGBA") and _png_header(path) in ((16, 2), (16, 6)):
+                pixels = _png16_colour(path)
+                notes = ["16-bit colour, scaled from 0..65535" + ("; alpha channel dropped" if im.mode == "RGBA"
+                                                                  else "")]
+            else:
+                pixels, notes = _pixels(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, RuntimeError) as e:
         raise ValueError(f"{path}: not a readable image ({e.__class__.__name__}: {e})") from None
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+    if notes and pixels.dtype != np.uint8:
+        notes.append("the decoded image will be 8-bit RGB")
     if report is not None and notes:
         report(f"{path.name}: " + "; ".join(notes))
     if pixels.dtype == np.uint8:

@@ -97,9 +97,11 @@ def test_compress_is_byte_identical(model, golden, x, forward, first_difference)
         assert out["strings"][1][0] == golden["strings"][1], "z stream differs from the official coder"
         assert out["strings"][0][0] == golden["strings"][0], "y stream differs from the official coder"
     else:
+        outcome = ("the bytes came out identical anyway, but byte identity is not required here" if same else
+                   "the bytes differ, as they may on such a machine")
         warnings.warn(GoldenMachineWarning(
-            f"HPCM-Base golden: this machine's forward differs first in {first_difference}; bytes "
-            f"{'still identical' if same else 'differ'}: checked round-trip consistency instead of byte identity"))
+            f"HPCM-Base golden: this machine computes other last bits than the golden's (first in "
+            f"{first_difference}), so only round-trip consistency is required; {outcome}"))
     # Either way the decoder reproduces this machine's encoder.
     assert torch.equal(model.decompress(out)["x_hat"], forward["x_hat"].clamp(0, 1))
 

@@ -71,9 +71,10 @@ def test_large_bytes_identical_where_the_numbers_are(run, golden):
         assert enc["strings"][0][0] == golden["strings"][0], "y stream differs from the official coder"
         return
     assert cmp.structure_error is None and cmp.last_bits, cmp.report()
+    outcome = ("the bytes came out identical anyway, but byte identity is not required here" if same_bytes else
+               "the bytes differ, as they may on such a machine")
     warnings.warn(GoldenMachineWarning(
-        f"HPCM-Large golden: {cmp.report()}; bytes {'still identical' if same_bytes else 'differ'}: "
-        "checked round-trip consistency instead of byte identity"))
+        f"HPCM-Large golden: {cmp.report()}; so only round-trip consistency is required; {outcome}"))
     with torch.no_grad():
         ref = model(x)["x_hat"].clamp(0, 1)
     assert torch.equal(model.decompress(enc)["x_hat"], ref)
