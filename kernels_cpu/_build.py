@@ -12,6 +12,9 @@ Environment:
     HPCM_TRITON_CACHE        cache root (default: ~/.cache/hpcm_triton)
     HPCM_TRITON_CPU_KERNEL   "0" disables the compiled kernels (backend "auto" then uses the
                              pure-PyTorch scan)
+    HPCM_TRITON_CPU_MARCH    the target instruction set instead of this machine's, as gcc's
+                             -march takes it (e.g. x86-64-v2: no AVX or FMA): builds the kernels
+                             another machine would run, to test that files travel between them
 """
 from __future__ import annotations
 
@@ -34,7 +37,11 @@ SOURCES = ("biwkv4.c", "biwkv4_impl.h")
 # no -ffast-math: the vectoriser must not reorder a channel's arithmetic (determinism, exactness)
 BASE_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared", "-pthread",
               "-std=gnu11"]
-ARCH_FLAGS = (["-march=native"], [])   # the second: compilers that lack -march=native
+def _arch_flags() -> tuple[list[str], ...]:
+    march = os.environ.get("HPCM_TRITON_CPU_MARCH")
+    if march:
+        return ([f"-march={march}"],)
+    return (["-march=native"], [])   # the second: compilers that lack -march=native
 
 
 class CPUKernelUnavailable(RuntimeError):
@@ -116,7 +123,7 @@ def _build() -> Path:
     cc = _compiler()
     d = _writable_dir(cache_root() / "cpu_kernels")
     errors = []
-    for arch in ARCH_FLAGS:
+    for arch in _arch_flags():
         key = _key(cc, arch)
         lib = d / f"libbiwkv4-{key}.so"
         if lib.exists():
