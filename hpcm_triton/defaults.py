@@ -9,3 +9,7 @@ DEFAULT_MAX_PIXELS = 7680 * 4320
 # Natural photos that ship with installed packages (scikit-image's data module, matplotlib's
 # sample data), so the demo and the tests run offline; ``hpcm_triton.images`` loads them.
 BUNDLED_PHOTOS = ("chelsea", "astronaut", "coffee", "rocket", "hubble", "grace_hopper")
+
+# Image files by suffix: what compress, evaluate and train read, and what decompress writes
+# (the format follows the suffix).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")

@@ -210,3 +210,251 @@ def test_cpu_march_still_picks_the_build(kcache, monkeypatch):
     lib = B._load()
     ((out, flags),) = kcache.built
     assert flags == ["-march=x86-64-v2"] and Path(lib._name) == out and out.name != kcache.name
+
+
+# ---------------------------------------------------------------- outputs
+import socket  # noqa: E402
+import stat  # noqa: E402
+import time  # noqa: E402
+
+from hpcm_triton import bitstream, cli  # noqa: E402
+from hpcm_triton.outputs import TMP_SUFFIX, atomic_write, atomic_write_bytes, check_output, remove_stale  # noqa: E402
+
+
+def main_error(capsys, *args) -> str:
+    rc = cli.main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    return one_line(err)
+
+
+def leftovers(folder: Path) -> list[str]:
+    return [n for n in os.listdir(folder) if n.endswith(TMP_SUFFIX)]
+
+
+def _make(kind: str, path: Path):
+    """Something that is not a regular file at ``path``."""
+    if kind == "character device":
+        try:
+            os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # /dev/null's numbers
+        except PermissionError:
+            pytest.skip("mknod is not permitted here")
+    elif kind == "FIFO":
+        os.mkfifo(path)
+    elif kind == "socket":
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(path))
+        return s
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "symlink loop":
+        path.symlink_to(path.name)
+    return None
+
+
+@pytest.mark.parametrize("kind", ["character device", "FIFO", "socket", "directory", "symlink loop"])
+def test_only_a_regular_file_is_ever_replaced(tmp_path, capsys, kind):
+    out = tmp_path / "out"
+    keep = _make(kind, out)
+    before = os.lstat(out)
+    try:
+        assert f"{out}: is a" in main_error(capsys, "compress", "chelsea", "-o", out, "--force")
+        for force in (False, True):
+            with pytest.raises(ValueError, match=f"is a {kind}" if kind != "directory" else "is a directory"):
+                check_output(out, force=force)
+        with pytest.raises(ValueError, match="only a regular file is ever replaced|symlink loop"):
+            atomic_write_bytes(out, b"data")  # what is found at rename time is checked again
+        after = os.lstat(out)
+        assert (after.st_mode, after.st_ino) == (before.st_mode, before.st_ino) and leftovers(tmp_path) == []
+    finally:
+        if keep is not None:
+            keep.close()
+
+
+def test_force_replaces_a_regular_file_or_a_link_to_one(tmp_path, capsys):
+    target = tmp_path / "target.hpcm"
+    target.write_bytes(b"old")
+    link = tmp_path / "link.hpcm"
+    link.symlink_to(target.name)
+    dangling = tmp_path / "dangling.hpcm"
+    dangling.symlink_to("nowhere")
+    assert "already exists (a symbolic link)" in main_error(capsys, "compress", "chelsea", "-o", dangling)
+    for p in (target, link):
+        assert "already exists" in main_error(capsys, "compress", "chelsea", "-o", p, "--size", "tiny")
+        assert check_output(p, force=True) == p
+    atomic_write_bytes(link, b"new")  # the link is replaced by the file, the file it named is kept
+    assert not link.is_symlink() and link.read_bytes() == b"new" and target.read_bytes() == b"old"
+
+
+def test_a_file_that_appears_while_writing_is_kept(tmp_path):
+    out = tmp_path / "out.hpcm"
+
+    def slow_write(tmp):
+        Path(tmp).write_bytes(b"ours")
+        out.write_bytes(b"someone else's")  # appears after the check, before the rename
+
+    with pytest.raises(FileExistsError, match="appeared while this command ran"):
+        atomic_write(out, slow_write, exclusive=True)
+    assert out.read_bytes() == b"someone else's" and leftovers(tmp_path) == []
+
+
+def test_two_writers_of_one_new_path_one_wins_one_is_refused(tmp_path):
+    out = tmp_path / "out.hpcm"
+
+    def first(tmp):  # the second writer runs to completion while the first is writing
+        Path(tmp).write_bytes(b"first")
+        atomic_write_bytes(out, b"second", exclusive=True)
+
+    with pytest.raises(FileExistsError):
+        atomic_write(out, first, exclusive=True)
+    assert out.read_bytes() == b"second" and leftovers(tmp_path) == []
+
+
+@pytest.fixture(scope="module")
+def small_png(tmp_path_factory):
+    from hpcm_triton import images as im
+
+    p = tmp_path_factory.mktemp("img") / "small.png"
+    im.save_image(im.bundled("chelsea")[..., 100:164, 150:246], p)  # 64×96
+    return p
+
+
+def test_compress_refuses_an_output_that_appeared_meanwhile(tmp_path, capsys, monkeypatch, small_png):
+    out = tmp_path / "x.hpcm"
+    to_bytes = bitstream.to_bytes
+
+    def racing(*a, **k):
+        out.write_bytes(b"precious")
+        return to_bytes(*a, **k)
+
+    monkeypatch.setattr(bitstream, "to_bytes", racing)
+    args = ("compress", small_png, "-o", out, "--size", "tiny", "--model", "hpcm-base", "--threads", "1")
+    assert "appeared while this command ran" in main_error(capsys, *args)
+    assert out.read_bytes() == b"precious" and leftovers(tmp_path) == []
+    assert cli.main([str(a) for a in (*args, "--force")]) == 0 and out.read_bytes()[:4] == b"HPCM"
+
+
+def test_an_unwritable_folder_is_refused_first_naming_the_output(tmp_path, capsys, monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    monkeypatch.setattr(bitstream, "read", lambda *a, **k: pytest.fail("decompress started its work"))
+    for args in (("compress", "chelsea", "-o", ro / "x.hpcm"), ("decompress", tmp_path / "a.hpcm", "-o", ro / "x.png")):
+        if args[0] == "decompress":
+            (tmp_path / "a.hpcm").write_bytes(b"HPCM")
+        msg = main_error(capsys, *args)
+        assert f"{args[-1]}: cannot write in {ro}: it is {'read-only' if IS_ROOT else 'not writable'}" in msg, msg
+    # a folder that refuses the temporary file anyway (here: mkstemp fails): the output is named
+    monkeypatch.setattr(tempfile, "mkstemp", lambda **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    with pytest.raises(OSError, match=f"^{tmp_path / 'y.png'}: cannot write in {tmp_path} \\(Permission denied\\)$"):
+        atomic_write_bytes(tmp_path / "y.png", b"data")
+
+
+@pytest.mark.parametrize("name", ["rec.xyz", "rec", "-"])
+def test_decompress_checks_the_image_suffix_before_any_work(tmp_path, capsys, monkeypatch, name):
+    (tmp_path / "a.hpcm").write_bytes(b"HPCM")
+    monkeypatch.setattr(bitstream, "read", lambda *a, **k: pytest.fail("decompress started its work"))
+    out = name if name == "-" else tmp_path / name
+    msg = main_error(capsys, "decompress", tmp_path / "a.hpcm", "-o", out)
+    assert {"rec.xyz": "unknown image suffix '.xyz'", "rec": "no image suffix",
+            "-": "standard output is not supported"}[name] in msg
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="a temporary file of another user needs chown")
+def test_stale_temporary_files_are_removed_after_a_day(tmp_path):
+    old = time.time() - 2 * 24 * 3600
+    names = {"stale": ".out.png.a1b2c3d4" + TMP_SUFFIX, "fresh": ".out.png.e5f6g7h8" + TMP_SUFFIX,
+             "other user": ".x.png.i9j0k1l2" + TMP_SUFFIX, "not ours": ".out.png.m3n4o5p6.tmp"}
+    for what, n in names.items():
+        (tmp_path / n).write_bytes(b"partial")
+        if what != "fresh":
+            os.utime(tmp_path / n, (old, old))
+    os.chown(tmp_path / names["other user"], OTHER_UID, -1)
+    atomic_write_bytes(tmp_path / "out.png", b"data")
+    assert sorted(os.listdir(tmp_path)) == sorted(["out.png", *(n for w, n in names.items() if w != "stale")])
+    assert remove_stale(tmp_path, older_than=0) == [names["fresh"]]
+
+
+# ---------------------------------------------------------------- inputs
+@pytest.mark.parametrize("kind", ["FIFO", "character device"])
+def test_an_input_that_is_not_a_regular_file_is_named(tmp_path, capsys, kind):
+    src = tmp_path / "in"
+    if kind == "FIFO":
+        os.mkfifo(src)
+    else:
+        src = Path("/dev/zero")
+    for args in (("compress", src, "-o", tmp_path / "x.hpcm"), ("decompress", src, "-o", tmp_path / "x.png"),
+                 ("info", src), ("demo", "--image", src, "--size", "tiny", "--models", "hpcm-base")):
+        assert f"{src}: is a {kind}, expected a" in main_error(capsys, *args)
+    assert [n for n in os.listdir(tmp_path) if n != "in"] == []
+
+
+# ---------------------------------------------------------------- bounded inputs, EXIF
+import struct  # noqa: E402
+import zlib  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from hpcm_triton import images as im  # noqa: E402
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG that claims ``width``×``height`` 1-bit pixels: its header and the start of its
+    data, tens of bytes (what a decompression bomb looks like before it is decoded)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(64)))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture
+def no_pixel_decoding(monkeypatch):
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("pixels were decoded"))
+
+
+@pytest.mark.parametrize("side, limit", [(8000, None), (30000, None), (1100, 1_000_000), (3000, 1_000_000)])
+def test_an_image_over_the_bound_is_refused_from_its_header(tmp_path, capsys, no_pixel_decoding, side, limit):
+    """8000² and 30000² (a bomb to Pillow too) at the default bound; 1100² (up to twice the bound:
+    Pillow only warns) and 3000² (more than twice: Pillow raises) with --max-pixels lowered."""
+    bomb = png_header_only(tmp_path / "bomb.png", side, side)
+    bound = limit or cli.DEFAULT_MAX_PIXELS
+    extra = () if limit is None else ("--max-pixels", limit)
+    expect = f"bomb.png: image is {side}×{side} (height×width) = {side * side:,} pixels, more than the limit of {bound:,}"
+    assert expect in main_error(capsys, "compress", bomb, "-o", tmp_path / "x.hpcm", "--size", "tiny", *extra)
+    assert expect in main_error(capsys, "demo", "--image", bomb, "--size", "tiny", "--models", "hpcm-base", *extra)
+    data = tmp_path / "data"
+    data.mkdir()
+    os.replace(bomb, data / "bomb.png")
+    assert expect in main_error(capsys, "evaluate", "--data", data, "--size", "tiny", "--out", tmp_path / "ev", *extra)
+    assert sorted(os.listdir(tmp_path)) == ["data"]
+
+
+def test_the_bound_is_exact(small_png, tmp_path, capsys):
+    """64×96 = 6,144 pixels: allowed at --max-pixels 6144, refused at 6143."""
+    args = ("compress", small_png, "--size", "tiny", "--model", "hpcm-base", "--threads", "1", "-o")
+    assert "more than the limit of 6,143" in main_error(capsys, *args, tmp_path / "a.hpcm", "--max-pixels", 6143)
+    assert cli.main([str(a) for a in (*args, tmp_path / "a.hpcm", "--max-pixels", 6144)]) == 0
+    assert "--max-pixels 0: must be positive" in main_error(capsys, *args, tmp_path / "b.hpcm", "--max-pixels", 0)
+
+
+def test_exif_orientation_is_applied_and_said_once(tmp_path, capsys):
+    from PIL import Image, ImageOps
+
+    stored = im.to_uint8(im.bundled("chelsea")[0, :, 100:164, 150:246]).permute(1, 2, 0).numpy()  # 64×96
+    img = Image.fromarray(stored)
+    exif = img.getexif()
+    exif[0x0112] = 6  # "turn 90° clockwise to show"
+    src = tmp_path / "rotated.png"
+    img.save(src, exif=exif.tobytes())
+    shown = np.asarray(ImageOps.exif_transpose(Image.open(src)))
+    x = im.load_image(src)
+    assert x.shape == (1, 3, 96, 64) and np.array_equal(im.to_uint8(x[0]).permute(1, 2, 0).numpy(), shown)
+    assert cli.main(["compress", str(src), "-o", str(tmp_path / "r.hpcm"), "--size", "tiny", "--model", "hpcm-base",
+                     "--threads", "1"]) == 0
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert notes == ["hpcm-triton: note: rotated.png: EXIF orientation 6 applied (turned 90° clockwise)"]
+    assert bitstream.read(tmp_path / "r.hpcm")["image_size"] == (96, 64)
