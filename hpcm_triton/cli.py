@@ -2,10 +2,13 @@
 
 Subcommands: demo (the default), compress, decompress, train, export, evaluate, info.
 User errors (missing or unreadable files, corrupted or foreign bitstreams, bad checkpoints,
-bad arguments) print one line on stderr and exit with status 2; outputs are written
-atomically, never over an existing file without ``--force`` and never over an input. Ctrl-C
+bad arguments, images above ``--max-pixels``) print one line on stderr and exit with status 2;
+outputs are checked before any work and written atomically, never over an existing file
+without ``--force``, never over an input, and never over anything but a regular file. Ctrl-C
 (SIGINT) or SIGTERM ends the whole command at once with status 130 (143), no traceback and no
-partial file; the decode worker dies with it.
+partial file; the decode worker dies with it (``train`` first finishes its step and saves a
+checkpoint). A reader that goes away (``hpcm-triton info f.hpcm | head``) ends the command
+quietly, as it ends other Unix tools.
 
 Only argparse and torch-free constants are imported up front: ``--help``, ``--version`` and
 argument errors answer without loading torch.
@@ -568,25 +571,63 @@ def _announce_kernel_builds() -> None:
         log.setLevel(logging.INFO)
 
 
+def _terminate_as_interrupt() -> None:
+    """For the GRACEFUL commands: SIGTERM raises Interrupted as Ctrl-C raises KeyboardInterrupt,
+    so that their own handlers and clean-ups run (the training loop installs its own)."""
+    from .outputs import Interrupted
+
+    def handler(signum, _frame):
+        raise Interrupted(signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
+def _reader_gone() -> bool:
+    """Whether standard output is a pipe or socket whose reader has gone (poll reports an error
+    or hang-up; where poll is missing, assumed)."""
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return True
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line. Called without ``argv`` (as the program), interrupts end the process
-    directly (see :func:`_exit_on_signals`); called with ``argv`` (tests, scripts), Ctrl-C
-    raises KeyboardInterrupt inside and returns 130."""
+    directly (see :func:`_exit_on_signals`; ``train`` and ``export`` get SIGTERM as an exception,
+    like Ctrl-C); called with ``argv`` (tests, scripts), Ctrl-C raises KeyboardInterrupt inside
+    and returns 130."""
     as_program = argv is None
     argv = sys.argv[1:] if as_program else argv
     try:
         parser = build_parser()
         args = parser.parse_args(_command(list(argv), parser.commands))
-        if as_program and args.command not in GRACEFUL:
-            _exit_on_signals()
+        if as_program:
+            if args.command in GRACEFUL:
+                _terminate_as_interrupt()
+            else:
+                _exit_on_signals()
         check = PRECHECKS.get(args.command)
         if check is not None:
             check(args)
         _announce_kernel_builds()
-        return args.func(args)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        rc = args.func(args)
+        sys.stdout.flush()  # a reader that went away shows here, not in the interpreter's last flush
+        return rc
+    except KeyboardInterrupt as e:  # Ctrl-C, or Interrupted: SIGTERM, or a training run that saved and stopped
+        print(f"{PROG}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
+        return 128 + getattr(e, "signum", signal.SIGINT)
+    except BrokenPipeError as e:
+        if not _reader_gone():
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return 2
+        if as_program:  # nowhere to write the rest: let the interpreter's last flush go to /dev/null
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE  # quietly, with the status of a Unix tool that SIGPIPE ended
     except Exception as e:
         if not _is_user_error(e):
             raise

@@ -130,6 +130,16 @@ def check_output(path: str | os.PathLike, *, force: bool = False, inputs: Iterab
     return p
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM as an exception, where a command handles interrupts itself (a training
+    run saves a checkpoint first). The command line exits with 128 + ``signum`` and one line,
+    ``interrupted`` and the message if there is one."""
+
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message)
+        self.signum = signum
+
+
 # Temporary files and folders being written right now: removed by remove_pending() when an
 # interrupt ends the process before their writer could clean up (the CLI's signal handler).
 _PENDING: set = set()

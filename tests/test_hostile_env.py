@@ -458,3 +458,174 @@ def test_exif_orientation_is_applied_and_said_once(tmp_path, capsys):
     notes = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert notes == ["hpcm-triton: note: rotated.png: EXIF orientation 6 applied (turned 90° clockwise)"]
     assert bitstream.read(tmp_path / "r.hpcm")["image_size"] == (96, 64)
+
+
+# ---------------------------------------------------------------- one run per training folder; SIGTERM
+import json  # noqa: E402
+import signal  # noqa: E402
+
+import torch  # noqa: E402
+
+from hpcm_triton.outputs import Interrupted  # noqa: E402
+from hpcm_triton.training import loop as L  # noqa: E402
+
+@pytest.fixture(scope="module")
+def train_data(small_png):
+    return small_png.parent  # one 64×96 image: no time spent decoding the bundled photos
+
+
+@pytest.fixture
+def TRAIN(train_data):
+    return dict(model="phase3", size="tiny", batch_size=1, crop=64, workers=0, val_every=0, log_every=1,
+                checkpoint_every=100, data=str(train_data))
+
+
+@pytest.fixture
+def TRAIN_ARGS(train_data):
+    return ("train", "--size", "tiny", "--batch-size", "1", "--crop", "64", "--workers", "0", "--val-every", "0",
+            "--data", train_data, "--steps", "1")
+
+
+@pytest.fixture
+def single_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_a_second_run_into_the_same_folder_is_refused(tmp_path, capsys, TRAIN_ARGS):
+    out = tmp_path / "run"
+    out.mkdir()
+    with L.hold_folder(out):  # a run in progress (another process would hold it the same way)
+        for extra in ((), ("--force",), ("--resume",)):
+            msg = main_error(capsys, *TRAIN_ARGS, "--out", out, *extra)
+            if extra != ("--resume",):
+                assert f"{out}: another training run is using this folder (pid {os.getpid()})" in msg, msg
+    assert sorted(os.listdir(out)) == ["train.lock"]
+
+
+@pytest.mark.parametrize("artifact", ["best.pt", "log.jsonl", "tb"])
+def test_any_earlier_run_file_stops_a_fresh_run(tmp_path, capsys, artifact, single_thread, TRAIN_ARGS):
+    """A run that died after best.pt but before its first checkpoint.pt: running the same command
+    again used to delete best.pt and log.jsonl."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / artifact).mkdir() if artifact == "tb" else (out / artifact).write_bytes(b"earlier run")
+    assert f"already holds a run ({artifact})" in main_error(capsys, *TRAIN_ARGS, "--out", out)
+    assert (out / artifact).exists()
+    if artifact == "log.jsonl":  # --force starts afresh
+        assert cli.main([str(a) for a in (*TRAIN_ARGS, "--out", out, "--force")]) == 0
+        assert json.loads((out / "log.jsonl").read_text().splitlines()[0])["event"] == "start"
+
+
+def _signal_at_step(monkeypatch, step: int, signals):
+    """Send ``signals`` to this process during the forward pass of training step ``step`` (1-based)."""
+    calls = [0]
+    rd_loss = L.rd_loss
+
+    def hooked(*a, **k):
+        calls[0] += 1
+        if calls[0] == step:
+            for s in signals:
+                os.kill(os.getpid(), s)
+        return rd_loss(*a, **k)
+
+    monkeypatch.setattr(L, "rd_loss", hooked)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_finishes_the_step_saves_and_resumes_exactly(tmp_path, monkeypatch, single_thread, sig, TRAIN):
+    ref = L.train(tmp_path / "ref", steps=4, **TRAIN)["model"].state_dict()
+    before = signal.getsignal(sig)
+    _signal_at_step(monkeypatch, 2, [sig])
+    with pytest.raises(Interrupted) as e:
+        L.train(tmp_path / "run", steps=4, **TRAIN)
+    assert e.value.signum == sig and str(e.value).startswith("stopped after step 2; checkpoint saved: ")
+    assert signal.getsignal(sig) == before  # the handler is given back
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 2 and leftovers(tmp_path / "run") == []
+    events = [json.loads(ln)["event"] for ln in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert events == ["start", "train", "train", "interrupted"]
+    monkeypatch.undo()
+    got = L.train(tmp_path / "run", resume=True, steps=4, **TRAIN)["model"].state_dict()
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_a_second_signal_interrupts_at_once_and_leaves_no_temporary_file(tmp_path, monkeypatch, single_thread,
+                                                                         TRAIN):
+    _signal_at_step(monkeypatch, 2, [signal.SIGTERM, signal.SIGTERM])
+    with pytest.raises(Interrupted) as e:
+        L.train(tmp_path / "run", steps=4, **TRAIN)
+    assert e.value.signum == signal.SIGTERM and str(e.value) == ""
+    assert not (tmp_path / "run" / "checkpoint.pt").exists() and leftovers(tmp_path / "run") == []
+
+
+def _stat(pid) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    return (_stat(pid) or ["Z"])[0] != "Z"
+
+
+def _children(pid: int) -> list[int]:
+    return [int(d) for d in os.listdir("/proc") if d.isdigit() and _stat(d)[1:2] == [str(pid)] and _alive(int(d))]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG are Linux")
+def test_sigterm_to_a_training_job_saves_stops_its_workers_and_exits_143(tmp_path, TRAIN_ARGS):
+    """What a cluster scheduler does before SIGKILL: SIGTERM to every process of the job."""
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "hpcm_triton", *TRAIN_ARGS[:-1], "100000", "--workers", "1",
+                          "--out", str(out), "--log-every", "1", "--checkpoint-every", "100000"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT,
+                         start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "log.jsonl").exists() and '"train"' in (out / "log.jsonl").read_text()):
+            assert p.poll() is None and time.monotonic() < deadline, p.stderr.read() if p.poll() is not None else ""
+            time.sleep(0.05)
+        workers = _children(p.pid)
+        assert workers, "no data-loader worker"
+        os.killpg(p.pid, signal.SIGTERM)
+        rc = p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    err = p.stderr.read()
+    assert rc == 143, err
+    line = one_line(err)
+    step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert line == f"hpcm-triton: interrupted: stopped after step {step}; checkpoint saved: {out / 'checkpoint.pt'} " \
+                   "(continue with --resume)" and step >= 1
+    assert leftovers(out) == []
+    deadline = time.monotonic() + 2
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not any(_alive(w) for w in workers), "a data-loader worker outlived the run"
+
+
+# ---------------------------------------------------------------- a reader that goes away
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path, small_png):
+    """`hpcm-triton info f.hpcm | head -1`: no "Broken pipe" error, the status of a Unix tool that
+    SIGPIPE ended (141), as `head` leaves `cat` and `ls`."""
+    f = tmp_path / "a.hpcm"
+    assert cli.main(["compress", str(small_png), "-o", str(f), "--size", "tiny", "--model", "hpcm-base",
+                     "--threads", "1"]) == 0
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before the command writes
+    try:
+        p = subprocess.run([sys.executable, "-m", "hpcm_triton", "info", str(f)], stdout=w, stderr=subprocess.PIPE,
+                           text=True, env=ENV, cwd=ROOT, timeout=60)
+    finally:
+        os.close(w)
+    assert (p.returncode, p.stderr) == (128 + signal.SIGPIPE, "")
+    p = subprocess.run(["bash", "-c", f'"{sys.executable}" -m hpcm_triton info "{f}" | head -1; '
+                        'echo "status ${PIPESTATUS[0]}" >&2'], capture_output=True, text=True, env=ENV, cwd=ROOT)
+    assert p.stdout == f"{f}:\n" and p.stderr in ("status 0\n", "status 141\n"), p.stderr
+
