@@ -266,7 +266,6 @@ def evaluate(checkpoints: list | None = None, model_name: str | None = None, siz
         imgs = imgs[:max_images]
     if not imgs:
         raise ValueError(f"no images to evaluate in {data}")
-    out_dir.mkdir(parents=True, exist_ok=True)
     runs = list(checkpoints) if checkpoints else [None]
     log: list[str] = []
 
@@ -319,6 +318,8 @@ def evaluate(checkpoints: list | None = None, model_name: str | None = None, siz
         log.extend(f"vs {label}: {n}" for n in notes)
     for label, why in unavailable_anchors().items():
         log.append(f"vs {label}: not computed: {why}")
+
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails earlier leaves nothing behind
 
     def write_json(fname, obj):
         atomic_write_bytes(out_dir / fname, json.dumps(obj, indent=2, allow_nan=False).encode(), exclusive=exclusive)

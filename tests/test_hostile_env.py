@@ -629,3 +629,50 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path, small_png):
                         'echo "status ${PIPESTATUS[0]}" >&2'], capture_output=True, text=True, env=ENV, cwd=ROOT)
     assert p.stdout == f"{f}:\n" and p.stderr in ("status 0\n", "status 141\n"), p.stderr
 
+
+# ---------------------------------------------------------------- weights that are not finite
+@pytest.fixture(scope="module")
+def bad_weights(tmp_path_factory, small_png):
+    """A training-format checkpoint with a NaN, an official-format state_dict with an inf, and a
+    file the seeded model wrote (what decompress --checkpoint is given)."""
+    import dataclasses
+
+    from hpcm_triton.models.seeded import seeded_model
+
+    d = tmp_path_factory.mktemp("weights")
+    model = seeded_model("hpcm-base", "tiny")
+    sd = model.state_dict()
+    name = "g_a.branch.0.weight"
+    nan = {k: v.clone() for k, v in sd.items()}
+    nan[name].view(-1)[3] = float("nan")
+    torch.save({"model": "hpcm-base", "config": dataclasses.asdict(model.config), "state_dict": nan}, d / "nan.pt")
+    inf = {k: v.clone() for k, v in sd.items()}
+    inf[name].view(-1)[0] = float("inf")
+    torch.save({"state_dict": inf}, d / "inf.pth")
+    assert cli.main(["compress", str(small_png), "-o", str(d / "a.hpcm"), "--size", "tiny", "--model", "hpcm-base",
+                     "--threads", "1"]) == 0
+    return SimpleNamespace(nan=d / "nan.pt", inf=d / "inf.pth", hpcm=d / "a.hpcm", name=name)
+
+
+def test_non_finite_weights_are_named_in_one_line(tmp_path, capsys, bad_weights, small_png, TRAIN_ARGS):
+    w = bad_weights
+    for ck, extra in ((w.nan, ()), (w.inf, ("--model", "hpcm-base"))):
+        expect = f"checkpoint {ck} has non-finite weights in {w.name}"
+        for args in (("compress", small_png, "-o", tmp_path / "x.hpcm", "--size", "tiny", "--checkpoint", ck, *extra),
+                     ("decompress", w.hpcm, "-o", tmp_path / "x.png", "--checkpoint", ck),
+                     ("evaluate", ck, *extra, "--data", small_png.parent, "--out", tmp_path / "ev")):
+            msg = main_error(capsys, *args)
+            assert expect in msg and "pmf" not in msg and "symbol" not in msg, msg
+    train = (*TRAIN_ARGS[:-2], "--model", "hpcm-base", "--steps", "1")
+    assert f"checkpoint {w.inf} has non-finite weights in {w.name}" in main_error(
+        capsys, *train, "--out", tmp_path / "official", "--init-official", w.inf)
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copyfile(w.nan, run / "checkpoint.pt")
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert "not a hpcm-triton training checkpoint" in main_error(capsys, *train, "--out", run, "--resume")
+    saved.update(optimizer={}, run={})  # what a resumable checkpoint has besides the weights
+    torch.save(saved, run / "checkpoint.pt")
+    assert f"checkpoint {run / 'checkpoint.pt'} has non-finite weights in {w.name}" in main_error(
+        capsys, *train, "--out", run, "--resume")
+    assert sorted(os.listdir(tmp_path)) == ["run"]

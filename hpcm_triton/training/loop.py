@@ -138,6 +138,7 @@ def build_model(cfg: dict) -> tuple[torch.nn.Module, dict]:
             rep = load_official(model, sd, strict_shared=MODELS[cfg["model"]].strict_official)
         except ValueError as e:
             raise ValueError(f"{src}: does not fit {cfg['model']} ({e})") from None
+        check_finite(sd, f"checkpoint {src}")
         report = {"init": f"official:{src}", "new_modules": rep["new_modules"],
                   "dropped_official_modules": rep["dropped_official_modules"],
                   "filled_adaptive_params": rep["filled_adaptive_params"]}
@@ -457,6 +458,7 @@ def run(given: dict, out: str | os.PathLike = "runs/train", resume: bool = False
         saved = read_checkpoint(ckpt_path)
         if not (is_hpcm_triton_format(saved) and isinstance(saved.get("run"), dict) and "optimizer" in saved):
             raise ValueError(f"{ckpt_path}: not a hpcm-triton training checkpoint (cannot resume it)")
+        check_finite(strip_module_prefix(saved["state_dict"]), f"checkpoint {ckpt_path}")
     cfg, changed = resolve_config(given, saved["run"] if saved else None, override)
     cfg = validate_config(cfg)
     dev_type = str(cfg["device"]).split(":")[0]
