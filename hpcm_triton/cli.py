@@ -130,14 +130,12 @@ def cmd_demo(args) -> int:
 
     from . import bitstream
     from . import images as im
-    from .outputs import track, untrack
+    from .outputs import check_output_folder, track, untrack
     from .progress import progress
 
     _check_device(args.device)
     _check_max_pixels(args)
-    keep = Path(args.keep) if args.keep else None
-    if keep is not None and keep.exists() and not keep.is_dir():
-        raise UserError(f"--keep {keep}: exists and is not a directory")
+    keep = check_output_folder(args.keep) if args.keep else None
     label, x = im.resolve_image(args.image, report=_note, max_pixels=args.max_pixels)
     stem = label.rsplit('.', 1)[0]
     if keep is not None and keep.is_dir():
@@ -336,12 +334,12 @@ def cmd_evaluate(args) -> int:
 def _check_evaluate_outputs(args) -> None:
     """evaluate writes EVALUATE_OUTPUTS in OUT: refuse to replace them
     without --force, and refuse an OUT that is an input (the data folder, a checkpoint)."""
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a directory")
+    from .outputs import check_output_folder
+
+    out = check_output_folder(args.out)
     inputs = [args.data, *(args.checkpoints or [])]
     for i in inputs:
-        if i and Path(i).exists() and Path(i).resolve() == out.resolve():
+        if i and Path(i).exists() and os.path.realpath(i) == os.path.realpath(out):
             raise UserError(f"--out {out}: is the input {i}; choose another folder")
     if out.is_dir():
         for f in EVALUATE_OUTPUTS:
@@ -514,7 +512,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-PRECHECKS = {"evaluate": _check_evaluate_outputs}
+def _check_train_out(args) -> None:
+    """train writes in OUT: a folder it can make or write, checked before the work."""
+    from .outputs import check_output_folder
+
+    check_output_folder(args.out)
+
+
+PRECHECKS = {"evaluate": _check_evaluate_outputs, "train": _check_train_out}
 # Commands whose own code handles KeyboardInterrupt (a training run may want to save): they get
 # Python's default SIGINT behaviour; main() still turns it into exit 130 without a traceback.
 GRACEFUL = ("train", "export")

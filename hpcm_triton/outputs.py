@@ -140,6 +140,22 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+def check_output_folder(path: str | os.PathLike) -> Path:
+    """Validate, before any work, a folder a command will write files in (making it if needed):
+    ValueError if it, or where it does not exist the nearest folder above it, is not a
+    directory or cannot be written."""
+    p = Path(path)
+    near = p
+    while not os.path.lexists(near):  # ends at "." or "/"
+        near = near.parent
+    if not near.is_dir():
+        raise ValueError(f"{path}: exists and is not a directory" if near == p else f"{path}: {near} is not a directory")
+    why = _unwritable(near)
+    if why:
+        raise ValueError(f"{path}: cannot write in {near}: {why}")
+    return p
+
+
 # Temporary files and folders being written right now: removed by remove_pending() when an
 # interrupt ends the process before their writer could clean up (the CLI's signal handler).
 _PENDING: set = set()

@@ -343,6 +343,11 @@ def test_an_unwritable_folder_is_refused_first_naming_the_output(tmp_path, capsy
             (tmp_path / "a.hpcm").write_bytes(b"HPCM")
         msg = main_error(capsys, *args)
         assert f"{args[-1]}: cannot write in {ro}: it is {'read-only' if IS_ROOT else 'not writable'}" in msg, msg
+    why = "read-only (mode 0555)" if IS_ROOT else "not writable"
+    for args in (("evaluate", "--size", "tiny", "--out", ro / "ev"), ("train", "--size", "tiny", "--out", ro / "run"),
+                 ("demo", "--size", "tiny", "--models", "hpcm-base", "--keep", ro / "keep")):
+        assert main_error(capsys, *args) == f"hpcm-triton: error: {args[-1]}: cannot write in {ro}: it is {why}"
+    assert os.listdir(ro) == []
     # a folder that refuses the temporary file anyway (here: mkstemp fails): the output is named
     monkeypatch.setattr(tempfile, "mkstemp", lambda **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
     with pytest.raises(OSError, match=f"^{tmp_path / 'y.png'}: cannot write in {tmp_path} \\(Permission denied\\)$"):
