@@ -520,8 +520,9 @@ def _check_train_out(args) -> None:
 
 
 PRECHECKS = {"evaluate": _check_evaluate_outputs, "train": _check_train_out}
-# Commands whose own code handles KeyboardInterrupt (a training run may want to save): they get
-# Python's default SIGINT behaviour; main() still turns it into exit 130 without a traceback.
+# Commands whose own code handles interrupts (a training run saves a checkpoint): they get
+# Python's default SIGINT behaviour and SIGTERM as outputs.Interrupted; main() turns either into
+# exit 130 (143) and one line, without a traceback.
 GRACEFUL = ("train", "export")
 
 

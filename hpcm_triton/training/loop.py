@@ -586,7 +586,7 @@ def _run(cfg, changed, given, saved, out, ckpt_path, best_path, resume, force, d
     for n in notes:
         log.say(n)
 
-    saved_at = step
+    saved_at = step if saved is not None else None  # the step checkpoint.pt holds
 
     def save(path: Path, step: int):
         nonlocal saved_at
@@ -691,7 +691,7 @@ def _run(cfg, changed, given, saved, out, ckpt_path, best_path, resume, force, d
         if step % cfg["checkpoint_every"] == 0 or step == cfg["steps"]:
             save(ckpt_path, step)
         t_window += time.perf_counter() - t_aside  # images/s counts training time only
-    if stopping:
+    if stopping and step < cfg["steps"]:  # (a signal during the last step changes nothing)
         if saved_at != step:
             save(ckpt_path, step)
         log.write({"event": "interrupted", "step": step, "signal": signal.Signals(stop.signum or signal.SIGTERM).name,
