@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -248,7 +247,7 @@ def evaluate(checkpoints: list | None = None, model_name: str | None = None, siz
     """
     from .models.seeded import seeded_model
     from .models.zoo import load_checkpoint
-    from .outputs import atomic_write_bytes
+    from .outputs import atomic_write_bytes, temporary_folder
     from .progress import progress as show_progress
 
     out_dir = Path(out_dir)
@@ -270,7 +269,7 @@ def evaluate(checkpoints: list | None = None, model_name: str | None = None, siz
     log: list[str] = []
 
     points, per_image, run_name = [], [], None
-    with tempfile.TemporaryDirectory(prefix="hpcm-eval-") as tmp:
+    with temporary_folder("hpcm-eval-") as tmp:  # removed also when SIGINT/SIGTERM end the command
         for ck in runs:
             if ck is None:
                 mname = (model_name or "phase3").lower()

@@ -18,6 +18,7 @@ Every command that writes a file goes through :func:`check_output` before any wo
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -183,6 +184,21 @@ def remove_pending() -> None:
         except OSError:
             pass
         _PENDING.discard(p)
+
+
+@contextlib.contextmanager
+def temporary_folder(prefix: str):
+    """A fresh private temporary folder for the block: removed after it, and by
+    :func:`remove_pending` if an interrupt ends the process first."""
+    import shutil
+
+    path = tempfile.mkdtemp(prefix=prefix)
+    track(path)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        untrack(path)
 
 
 def remove_stale(folder: str | os.PathLike, older_than: float = STALE_SECONDS) -> list[str]:

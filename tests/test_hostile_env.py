@@ -681,3 +681,23 @@ def test_non_finite_weights_are_named_in_one_line(tmp_path, capsys, bad_weights,
     assert f"checkpoint {run / 'checkpoint.pt'} has non-finite weights in {w.name}" in main_error(
         capsys, *train, "--out", run, "--resume")
     assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
+def test_evaluate_s_temporary_folder_is_removed_by_an_interrupt(tmp_path, monkeypatch, small_png):
+    """SIGINT and SIGTERM end evaluate through outputs.remove_pending (cli._exit_on_signals):
+    the folder of its .hpcm files must be registered there while it exists."""
+    from hpcm_triton import evaluate as ev
+    from hpcm_triton import outputs
+
+    seen = []
+
+    def interrupted(model, name, x, path):
+        seen.append(Path(path).parent)
+        assert str(Path(path).parent) in outputs._PENDING
+        outputs.remove_pending()  # what the signal handler does before it exits
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ev, "evaluate_image", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(None, size="tiny", data=small_png.parent, out_dir=tmp_path / "ev", progress=False)
+    assert seen and not seen[0].exists() and not (tmp_path / "ev").exists()
