@@ -9,18 +9,32 @@ so "not writable" cases rest on the mode checks the code makes itself.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+import signal
+import socket
+import stat
+import struct
 import subprocess
 import sys
 import tempfile
+import time
+import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 
 import kernels_cpu
+from hpcm_triton import bitstream, cli
+from hpcm_triton import images as im
+from hpcm_triton.outputs import (TMP_SUFFIX, Interrupted, atomic_write, atomic_write_bytes, check_output,
+                                 remove_stale)
+from hpcm_triton.training import loop as L
 from kernels_cpu import _build as B
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,11 +42,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHON
 OTHER_UID = 54321
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="chown to another user needs root")
-
-
-def cli(*args, timeout=120, **kw):
-    return subprocess.run([sys.executable, "-m", "hpcm_triton", *map(str, args)], capture_output=True, text=True,
-                          env=ENV, timeout=timeout, cwd=ROOT, **kw)
 
 
 def one_line(stderr: str) -> str:
@@ -213,12 +222,6 @@ def test_cpu_march_still_picks_the_build(kcache, monkeypatch):
 
 
 # ---------------------------------------------------------------- outputs
-import socket  # noqa: E402
-import stat  # noqa: E402
-import time  # noqa: E402
-
-from hpcm_triton import bitstream, cli  # noqa: E402
-from hpcm_triton.outputs import TMP_SUFFIX, atomic_write, atomic_write_bytes, check_output, remove_stale  # noqa: E402
 
 
 def main_error(capsys, *args) -> str:
@@ -394,12 +397,6 @@ def test_an_input_that_is_not_a_regular_file_is_named(tmp_path, capsys, kind):
 
 
 # ---------------------------------------------------------------- bounded inputs, EXIF
-import struct  # noqa: E402
-import zlib  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from hpcm_triton import images as im  # noqa: E402
 
 
 def png_header_only(path: Path, width: int, height: int) -> Path:
@@ -466,13 +463,7 @@ def test_exif_orientation_is_applied_and_said_once(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- one run per training folder; SIGTERM
-import json  # noqa: E402
-import signal  # noqa: E402
 
-import torch  # noqa: E402
-
-from hpcm_triton.outputs import Interrupted  # noqa: E402
-from hpcm_triton.training import loop as L  # noqa: E402
 
 @pytest.fixture(scope="module")
 def train_data(small_png):
@@ -683,6 +674,7 @@ def test_non_finite_weights_are_named_in_one_line(tmp_path, capsys, bad_weights,
     assert sorted(os.listdir(tmp_path)) == ["run"]
 
 
+# ---------------------------------------------------------------- temporary files on interrupts
 def test_evaluate_s_temporary_folder_is_removed_by_an_interrupt(tmp_path, monkeypatch, small_png):
     """SIGINT and SIGTERM end evaluate through outputs.remove_pending (cli._exit_on_signals):
     the folder of its .hpcm files must be registered there while it exists."""
