@@ -234,7 +234,8 @@ def _build(cc: str, folder: _Folder, broken: Path | None = None) -> Path:
                 if why:
                     raise _Untrusted(why)
                 return lib
-            log.info("compiling the CPU Bi-WKV4 kernels (once per machine, about 10 s) into %s", lib)
+            log.info("compiling the CPU Bi-WKV4 kernels (%s, about 10 s) into %s",
+                     "in every run until the cache is usable" if folder.temporary else "once per machine", lib)
             try:
                 _compile(cc, arch, lib)
                 return lib
