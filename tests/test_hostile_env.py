@@ -131,7 +131,8 @@ def test_an_empty_cache_is_made_private(kcache):
 @needs_kernels
 @needs_root
 def test_a_planted_library_of_another_user_is_never_loaded(kcache, planted_lib):
-    """The reported hole: a library someone else put at the predictable name ran in compress."""
+    """A library someone else put at the cache's predictable name never runs (its constructor
+    would run inside compress)."""
     planted = _plant(kcache, planted_lib, kcache.cache, owner=OTHER_UID)
     lib = B._load()
     assert not kcache.ran.exists(), "the planted library's constructor ran"
@@ -504,7 +505,7 @@ def test_a_second_run_into_the_same_folder_is_refused(tmp_path, capsys, TRAIN_AR
 @pytest.mark.parametrize("artifact", ["best.pt", "log.jsonl", "tb"])
 def test_any_earlier_run_file_stops_a_fresh_run(tmp_path, capsys, artifact, single_thread, TRAIN_ARGS):
     """A run that died after best.pt but before its first checkpoint.pt: running the same command
-    again used to delete best.pt and log.jsonl."""
+    again must not delete best.pt and log.jsonl."""
     out = tmp_path / "run"
     out.mkdir()
     (out / artifact).mkdir() if artifact == "tb" else (out / artifact).write_bytes(b"earlier run")
