@@ -10,7 +10,7 @@ name); see :func:`kernels_triton.ops.biwkv4` for the formula, shapes and dtypes.
 registered operator ``torch.ops.hpcm.biwkv4`` (:mod:`kernels_triton.custom_op`).
 """
 from .ops import BiWKV4Function, biwkv4, biwkv4_reference, resolve_backend, shape_only_selection
-from .custom_op import biwkv4_backward_op, biwkv4_op  # noqa: I001  (after .ops, which it reads)
+from .custom_op import biwkv4_backward_op, biwkv4_op  # registers torch.ops.hpcm.biwkv4
 
 __all__ = ["BiWKV4Function", "biwkv4", "biwkv4_op", "biwkv4_backward_op", "biwkv4_reference",
            "resolve_backend", "shape_only_selection"]

@@ -473,7 +473,8 @@ def biwkv4(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
         raise ValueError(f"biwkv4(backend={backend!r}) takes CPU tensors, got {k.device}")
     need_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (w, u, k, v))
     if not triton or (strategy is None and chunk is None):
-        return biwkv4_op(w, u, k, v, backend, need_grad)[0]
+        # registered by kernels_triton.custom_op, which the package imports after this module
+        return torch.ops.hpcm.biwkv4(w, u, k, v, backend, need_grad)[0]
     # an explicit Triton plan: the autograd Function, whose backward reuses the forward's plan
     B, T, C = k.shape
     if strategy is None:
@@ -486,5 +487,3 @@ def biwkv4(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     return BiWKV4Function.apply(w.contiguous(), u.contiguous(), k.contiguous(),
                                 v.contiguous(), strategy, chunk, need_grad)
 
-
-from .custom_op import biwkv4_op  # noqa: E402  (custom_op reads this module's functions)
