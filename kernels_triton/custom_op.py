@@ -3,7 +3,8 @@
 The operator is Eq. 5 of Vision-RWKV as docs/biwkv4.md §1 states it: per batch row b and
 channel c, ``y_t = sum_i softmax_i(l(t, .)) v_i`` with ``l(t, i) = k_i - (|t - i| - 1) w``
 (i != t) and ``l(t, t) = u + k_t``. :func:`kernels_triton.biwkv4` validates its inputs and
-calls it; models call that function. Registering it makes it one opaque node for
+calls it (an explicit Triton ``strategy`` or ``chunk`` runs ``BiWKV4Function`` instead);
+models call that function. Registering it makes it one opaque node for
 ``torch.compile`` (no graph break, no tracing into ctypes or Triton launches), for
 ``torch.library.opcheck`` and for ``torch.utils.flop_counter``.
 
@@ -22,8 +23,9 @@ requires grad, so inference stores nothing). The outputs are fresh tensors; the 
 not differentiable. ``register_autograd`` saves w, u, k, v, y and the residuals and calls
 ``hpcm::biwkv4_backward``, which is not differentiable again (no double backward).
 
-Backends (``backend``; "auto" is resolved inside the op by :func:`kernels_triton.ops.resolve_backend`,
-so the compiled graph holds no Python check of whether the C kernels built):
+Backends (``backend``; "auto" is resolved inside the op by
+:func:`kernels_triton.ops.resolve_backend`, so the compiled graph holds no Python check of
+whether the C kernels built):
 
 * CPU tensors: "cpu" runs the compiled C kernels (``kernels_cpu.ops.forward``,
   ``backward``), "torch" the PyTorch scan (:func:`reference.biwkv4_scan`), "triton" the Triton
@@ -33,7 +35,8 @@ so the compiled graph holds no Python check of whether the C kernels built):
   ``kernels_triton.ops.triton_forward`` / ``triton_backward``; other backends are refused.
 * The "torch" backend stores no residuals (its own are sized by a chunk length that depends on
   w, docs/biwkv4.md §2): its backward runs the scan's forward again, then its analytic
-  backward, which gives bitwise the gradients of ``biwkv4_scan``'s autograd Function.
+  backward, which gives bitwise the gradients of ``biwkv4_scan``'s autograd Function at the
+  cost of one more forward.
 
 Why ``torch.library.custom_op`` with a CUDA kernel, not ``triton_op`` / ``wrap_triton``: a
 ``triton_op`` body is traced with fake tensors, so every launch must go through

@@ -14,8 +14,8 @@ import kernels_cpu
 import kernels_triton
 from kernels_cpu import biwkv4_cpu
 from kernels_triton import biwkv4
-from kernels_triton.custom_op import (BWD_FLOPS_PER_ELEMENT, FWD_FLOPS_PER_ELEMENT, biwkv4_backward_op,
-                                      biwkv4_op, residual_specs)
+from kernels_triton.custom_op import (BWD_FLOPS_PER_ELEMENT, FWD_FLOPS_PER_ELEMENT,
+                                      biwkv4_backward_op, biwkv4_op, residual_specs)
 from reference import biwkv4_scan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
