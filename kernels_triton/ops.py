@@ -16,6 +16,13 @@ pure-PyTorch scan :func:`reference.biwkv4_scan`), "auto" (triton on CUDA tensors
 tensors "cpu" when its kernels build on this machine, else "torch" with one warning).
 :func:`resolve_backend` tells which one "auto" picks.
 
+:func:`biwkv4` validates its inputs and runs the registered operator ``torch.ops.hpcm.biwkv4``
+(kernels_triton/custom_op.py: schema, fake implementation, autograd, flop formula), so that
+``torch.compile`` traces it as one node; with an explicit Triton ``strategy`` or ``chunk`` it
+runs :class:`BiWKV4Function`, whose backward reuses the forward's plan. The op reaches the
+Triton kernels through :func:`triton_forward`, :func:`triton_backward` and
+:func:`triton_residual_specs`.
+
 Kernels (kernels_triton/_kernels.py): tiles of BT tokens x BLOCK_C channels, in-register
 anchored cumsum scans, float64 carries between tiles and chunks (fp32 error independent of T),
 sub-passes when |w| * BT is large. Each kernel is a ``triton.autotune`` over BT, BLOCK_C,
@@ -308,6 +315,34 @@ def _backward(w, u, k, v, y, logd, gy, chunk, NT):
     return gwp.sum(dim=(0, 1)), gup.sum(dim=(0, 1)), gk, gv
 
 
+def triton_residual_specs(B, T, C, dtype) -> list:
+    """[(shape, dtype)] of the residuals :func:`triton_forward` returns with ``need_grad``, from
+    the sizes and k's dtype alone: y as the backward reads it (float32 for 16-bit inputs) and
+    the log-denominator, both (B, T, C) in the accumulation dtype."""
+    acc = _acc_dtype(dtype)
+    return [((B, T, C), acc), ((B, T, C), acc)]
+
+
+def triton_forward(w, u, k, v, need_grad: bool):
+    """y and, with ``need_grad``, the residuals of :func:`triton_residual_specs` (contiguous
+    inputs; the plan from :func:`choose_strategy`). For float32/float64 the first residual is
+    y itself (the registered op copies a residual that shares memory with its output)."""
+    B, T, C = k.shape
+    strategy, chunk = choose_strategy(B, T, C, k.dtype, k.device)
+    y, ya, logd, _, _ = _forward(w, u, k, v, strategy, chunk, need_grad)
+    return y, ((ya, logd) if need_grad else ())
+
+
+def triton_backward(w, u, k, v, residuals, gy):
+    """(gw, gu, gk, gv) from the forward's inputs and residuals (the backward's plan is its
+    own: the log-denominator is absolute, so it need not match the forward's chunks)."""
+    ya, logd = residuals
+    B, T, C = k.shape
+    chunk, NT = _plan(T, *choose_strategy(B, T, C, k.dtype, k.device))
+    gw, gu, gk, gv = _backward(w, u, k, v, ya, logd, gy.contiguous(), chunk, NT)
+    return gw.to(w.dtype), gu.to(u.dtype), gk, gv
+
+
 def triton_cdiv(a, b):
     return -(-a // b)
 
@@ -415,6 +450,9 @@ def biwkv4(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
         ValueError: wrong shapes/ndim/dtypes/devices, unknown backend or strategy.
         RuntimeError: backend="triton" on CPU tensors without TRITON_INTERPRET=1.
         kernels_cpu.CPUKernelUnavailable: backend="cpu" where the C kernels do not build.
+
+    Runs ``torch.ops.hpcm.biwkv4`` (see the module docstring), so ``torch.compile`` traces a
+    call without a graph break.
     """
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
@@ -423,18 +461,21 @@ def biwkv4(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
     _validate(w, u, k, v)
-    backend = resolve_backend(k.device, backend)
-    if backend == "torch":
-        return biwkv4_reference(w, u, k, v)
-    if backend == "cpu":
-        from kernels_cpu import biwkv4_cpu
-
-        return biwkv4_cpu(w, u, k, v)
-    if not k.is_cuda and not _kernels().INTERPRET:  # fixed when the kernels were imported
+    # "auto" on CPU tensors (C kernels or the PyTorch scan) is resolved inside the op, whose
+    # kernels run outside what torch.compile traces; "auto" on CUDA tensors is "triton"
+    triton = backend == "triton" or (backend == "auto" and k.is_cuda)
+    if triton and not k.is_cuda and not _kernels().INTERPRET:  # fixed when the kernels were imported
         raise RuntimeError(
             "biwkv4(backend='triton') got CPU tensors, but Triton kernels need a CUDA device. "
             "Set TRITON_INTERPRET=1 before importing kernels_triton to run them through "
             "Triton's interpreter, or use backend='torch'.")
+    if backend in ("cpu", "torch") and k.is_cuda:
+        raise ValueError(f"biwkv4(backend={backend!r}) takes CPU tensors, got {k.device}")
+    need_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (w, u, k, v))
+    if not triton or (strategy is None and chunk is None):
+        # registered by kernels_triton.custom_op, which the package imports after this module
+        return torch.ops.hpcm.biwkv4(w, u, k, v, backend, need_grad)[0]
+    # an explicit Triton plan: the autograd Function, whose backward reuses the forward's plan
     B, T, C = k.shape
     if strategy is None:
         strategy, ch = choose_strategy(B, T, C, k.dtype, k.device)
@@ -443,6 +484,6 @@ def biwkv4(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
         chunk = choose_strategy(B, T, C, k.dtype, k.device)[1]
         if chunk >= T:
             chunk = max(1, 1 << max(0, (T - 1).bit_length() - 2))  # about 4 chunks
-    need_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (w, u, k, v))
     return BiWKV4Function.apply(w.contiguous(), u.contiguous(), k.contiguous(),
                                 v.contiguous(), strategy, chunk, need_grad)
+
