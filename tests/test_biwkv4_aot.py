@@ -59,24 +59,19 @@ def test_aot_every_fwd_config():
     assert re.search(rf"compiled {4 * len(cfgs)} kernel variants, 0 failures, 0 with spills", out)
 
 
-def test_autotune_cli(tmp_path):
+def test_autotune_cli():
     """Without a GPU it checks the kernels under the interpreter and exits 0; with one it
-    sweeps a single small shape and writes the JSON the dispatcher reads."""
-    import json
-
+    runs triton.autotune on a single small shape and reports the chosen configs."""
     import torch
 
     env = {k: v for k, v in os.environ.items() if k != "HPCM_BIWKV4_AUTOTUNE"}  # all configs
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    out = tmp_path / "tune.json"
     r = subprocess.run([sys.executable, "-m", "kernels_triton.autotune", "--C", "640", "--T", "512",
-                        "--B", "1", "--chunks", "128", "--rep", "5", "--json", str(out)],
+                        "--B", "1", "--rep", "5"],
                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     if torch.cuda.is_available():
-        entries = json.loads(out.read_text())["entries"]
-        assert len(entries) == 1 and entries[0]["strategy"] in ("sequential", "chunked")
-        assert "**best**" in r.stdout
+        assert "| 640 | 512 | 1 | fp32 |" in r.stdout
     else:
         assert "No GPU found" in r.stdout and "all checks passed" in r.stdout
         assert r.stdout.count("| yes |") == 4
