@@ -17,14 +17,15 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 NEG = tl.constexpr(-1e30)       # "minus infinity" that stays finite under subtraction
 LN2 = tl.constexpr(0.6931471805599453)
-NSEG_MAX = 32                   # rows of the carry kernel's scratch (its largest NSEG)
+NSEG_MAX = tl.constexpr(32)     # rows of the carry kernel's scratch (its largest NSEG)
 
 # Largest |w| * (rows of a unit) for which one anchor per unit is exact (docs/kernels.md,
 # "Units and anchors"); the host picks the unit length S from it.
 BUDGET = {"fp32": 24.0, "fp64": 256.0}
-# Tile rows BT (the granularity of the stored residual K_t) and the rows DB of the dot blocks
-# of the forward and backward tile kernels, per accumulation dtype.
-TILES = {"fp32": (64, 32, 16), "fp64": (32, 16, 16)}
+# Per accumulation dtype: the forward's tile rows BT (also the granularity of the stored
+# residual K_t), the rows DB of its dot blocks, and the same two for the backward (whose
+# tiles hold five inputs, so they are shorter).
+TILES = {"fp32": (64, 16, 32, 16), "fp64": (16, 16, 16, 16)}
 
 # HPCM_BIWKV4_AUTOTUNE=0 (and the interpreter, which cannot time configs) keeps one config.
 SINGLE_CONFIG = INTERPRET or os.environ.get("HPCM_BIWKV4_AUTOTUNE", "1") == "0"
@@ -39,18 +40,23 @@ def _cfg(bc, warps, stages, **kw):
 # single config). Registers, spills and async copies of every config: python -m
 # kernels_triton.aot (bench/RESULTS.md).
 if INTERPRET:   # numpy's cost is per operation: few wide programs
-    TILE_CONFIGS = [_cfg(32, 4, 1)]
+    SUM_CONFIGS = [_cfg(32, 4, 1)]
+    FWD_CONFIGS = [_cfg(32, 4, 1)]
     BWD_CONFIGS = [_cfg(32, 4, 1)]
     CARRY_CONFIGS = [triton.Config({"BLOCK_C": 32, "NSEG": 8}, num_warps=4)]
 else:
-    TILE_CONFIGS = [_cfg(32, 4, 3), _cfg(64, 8, 3), _cfg(16, 4, 4), _cfg(32, 8, 2)]
-    BWD_CONFIGS = [_cfg(16, 4, 2), _cfg(32, 8, 2), _cfg(16, 8, 3)]
-    CARRY_CONFIGS = [triton.Config({"BLOCK_C": 16, "NSEG": 32}, num_warps=4),
-                     triton.Config({"BLOCK_C": 32, "NSEG": 32}, num_warps=4),
-                     triton.Config({"BLOCK_C": 16, "NSEG": 16}, num_warps=2)]
+    # Tile kernels: BLOCK_C 16 (the smallest dot width) keeps the output kernels within 255
+    # registers without spills; the summary kernels fit 128.
+    SUM_CONFIGS = [_cfg(16, 4, 3), _cfg(32, 8, 3), _cfg(16, 8, 2)]
+    FWD_CONFIGS = [_cfg(16, 4, 2), _cfg(16, 8, 2)]
+    BWD_CONFIGS = [_cfg(16, 8, 2), _cfg(16, 8, 3)]
+    CARRY_CONFIGS = [triton.Config({"BLOCK_C": 16, "NSEG": 32}, num_warps=8),
+                     triton.Config({"BLOCK_C": 16, "NSEG": 16}, num_warps=4),
+                     triton.Config({"BLOCK_C": 32, "NSEG": 32}, num_warps=8)]
 if SINGLE_CONFIG:
-    TILE_CONFIGS, BWD_CONFIGS, CARRY_CONFIGS = TILE_CONFIGS[:1], BWD_CONFIGS[:1], CARRY_CONFIGS[:1]
-assert all(c.kwargs["NSEG"] <= NSEG_MAX for c in CARRY_CONFIGS)
+    SUM_CONFIGS, FWD_CONFIGS = SUM_CONFIGS[:1], FWD_CONFIGS[:1]
+    BWD_CONFIGS, CARRY_CONFIGS = BWD_CONFIGS[:1], CARRY_CONFIGS[:1]
+assert all(c.kwargs["NSEG"] <= NSEG_MAX.value for c in CARRY_CONFIGS)
 
 # Autotune keys: C, a capped power-of-two bucket of T (TB), and the structural constexprs.
 KEY_TILE = ["C", "TB", "S", "DB"]
@@ -72,52 +78,70 @@ def _setup(w_ptr, C, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
 
 
 @helper
-def _tile(pid_b, t0, T, C, cols, cmask, NSUB: tl.constexpr, DB: tl.constexpr):
-    """Tokens [NSUB, DB, 1], validity and element offsets [NSUB, DB, BLOCK_C] of the tile
-    that starts at token t0."""
-    t = t0 + tl.arange(0, NSUB)[:, None, None] * DB + tl.arange(0, DB)[None, :, None]
-    valid = (t < T) & cmask[None, None, :]
-    off = (pid_b * T + t) * C + cols[None, None, :]
+def _tile(pid_b, t0, T, C, cols, cmask, BT: tl.constexpr):
+    """Tokens [BT, 1], validity and element offsets [BT, BLOCK_C] of the tile that starts at
+    token t0."""
+    t = t0 + tl.arange(0, BT)[:, None]
+    valid = (t < T) & cmask[None, :]
+    off = (pid_b * T + t) * C + cols[None, :]
     return t, valid, off
 
 
 @helper
-def _same_unit(NSUB: tl.constexpr, SPU: tl.constexpr, LOWER: tl.constexpr):
-    """[NSUB, NSUB, 1] mask of sub-block pairs (b, b') in one unit (SPU sub-blocks per unit);
-    LOWER: b' < b only."""
-    b = tl.arange(0, NSUB)[:, None]
-    bb = tl.arange(0, NSUB)[None, :]
-    m = (b // SPU) == (bb // SPU)
-    if LOWER:
-        m = m & (bb < b)
-    return m[:, :, None]
+def _unit_max(x, BT: tl.constexpr, S: tl.constexpr):
+    """The max of x over each row's unit of S rows: [1, BLOCK_C] if the tile is one unit,
+    else [BT, BLOCK_C]."""
+    if S == BT:
+        r = tl.max(x, axis=0)[None, :]
+    else:
+        bc: tl.constexpr = x.shape[1]
+        m = tl.max(tl.reshape(x, (BT // S, S, bc)), axis=1)
+        r = tl.reshape(tl.broadcast_to(m[:, None, :], (BT // S, S, bc)), (BT, bc))
+    return r
 
 
 @helper
-def _unit_max(x, NSUB: tl.constexpr, SPU: tl.constexpr):
-    """[NSUB, BLOCK_C]: for each sub-block, the max of x over the rows of its unit."""
-    m = tl.max(x, axis=1)
-    if SPU > 1:
-        m = tl.max(tl.where(_same_unit(NSUB, SPU, False), m[None, :, :], NEG), axis=1)
-    return m
+def _unit_sum(x, BT: tl.constexpr, S: tl.constexpr):
+    """[BT // S, BLOCK_C]: x summed over each unit of S rows."""
+    bc: tl.constexpr = x.shape[1]
+    return tl.sum(tl.reshape(x, (BT // S, S, bc)), axis=1)
 
 
 @helper
-def _unit_sum(x, NSUB: tl.constexpr, SPU: tl.constexpr):
-    """[NSUB, BLOCK_C]: column sums x of the sub-blocks summed over each sub-block's unit."""
-    if SPU > 1:
-        x = tl.sum(tl.where(_same_unit(NSUB, SPU, False), x[None, :, :], 0.0), axis=1)
-    return x
+def _tdot(m, x, DB: tl.constexpr, PREC: tl.constexpr):
+    """m @ x per dot block: x [BT, BLOCK_C] as [BT / DB, DB, BLOCK_C], m [BT / DB, DB, DB] a
+    0/1 or small-integer matrix (exact in tf32). fp32: x is split into x_hi (its top 11
+    significant bits, exact in tf32) and x - x_hi and multiplied by two tf32 dots, so the
+    products are exact to ~2^-22 (what input_precision="tf32x3" gives, without its third
+    product m_lo x_hi, which is 0 here, and without splitting m in registers)."""
+    bt: tl.constexpr = x.shape[0]
+    bc: tl.constexpr = x.shape[1]
+    if bt == DB:        # one block: a 2-D dot
+        x3 = x
+        m = tl.reshape(m, (DB, DB))
+    else:
+        x3 = tl.reshape(x, (bt // DB, DB, bc))
+    if PREC == "ieee":
+        r = tl.dot(m, x3, input_precision="ieee")
+    else:
+        hi = (x3.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+        r = tl.dot(m, x3 - hi, tl.dot(m, hi, input_precision="tf32"), input_precision="tf32")
+    return tl.reshape(r, (bt, bc))
 
 
 @helper
-def _cross(x, xd, NSUB: tl.constexpr, SPU: tl.constexpr, DB: tl.constexpr, LEFT: tl.constexpr):
-    """Sums over the earlier (LEFT) or later sub-blocks b' of the same unit, for each sub-block
-    b: P0 = sum x_b' and P1 = sum ((|b - b'| - 1) DB x_b' + xd_b'), [NSUB, 1, BLOCK_C] each.
-    x: column sums of a sub-block, xd: its distance-weighted column sums (from its last row
-    (LEFT) or first row)."""
-    b = tl.arange(0, NSUB)[:, None]
-    bb = tl.arange(0, NSUB)[None, :]
+def _cross(x, xd, DB: tl.constexpr, SPU: tl.constexpr, LEFT: tl.constexpr):
+    """For each row of x [BT, BLOCK_C]: the sums over the earlier (LEFT) or later dot blocks
+    b' of its unit (SPU blocks per unit), P0 = sum x_b' and P1 = sum ((|b - b'| - 1) DB x_b'
+    + xd_b') over the columns of those blocks (xd: x weighted by each row's distance from its
+    block's last (LEFT) or first row). [BT, BLOCK_C] each."""
+    bt: tl.constexpr = x.shape[0]
+    bc: tl.constexpr = x.shape[1]
+    nb: tl.constexpr = bt // DB
+    cs = tl.sum(tl.reshape(x, (nb, DB, bc)), axis=1)
+    csd = tl.sum(tl.reshape(xd, (nb, DB, bc)), axis=1)
+    b = tl.arange(0, nb)[:, None]
+    bb = tl.arange(0, nb)[None, :]
     m = (b // SPU) == (bb // SPU)
     if LEFT:
         m = m & (bb < b)
@@ -126,16 +150,19 @@ def _cross(x, xd, NSUB: tl.constexpr, SPU: tl.constexpr, DB: tl.constexpr, LEFT:
         m = m & (bb > b)
         gap = bb - b - 1
     m = m[:, :, None]
-    p0 = tl.sum(tl.where(m, x[None, :, :], 0.0), axis=1)
-    p1 = tl.sum(tl.where(m, (gap * DB)[:, :, None] * x[None, :, :] + xd[None, :, :], 0.0), axis=1)
-    return p0[:, None, :], p1[:, None, :]
+    p0 = tl.sum(tl.where(m, cs[None, :, :], 0.0), axis=1)
+    p1 = tl.sum(tl.where(m, (gap * DB)[:, :, None].to(x.dtype) * cs[None, :, :] + csd[None, :, :],
+                         0.0), axis=1)
+    p0 = tl.reshape(tl.broadcast_to(p0[:, None, :], (nb, DB, bc)), (bt, bc))
+    p1 = tl.reshape(tl.broadcast_to(p1[:, None, :], (nb, DB, bc)), (bt, bc))
+    return p0, p1
 
 
 @helper
 def _tri(NSUB: tl.constexpr, DB: tl.constexpr, LEFT: tl.constexpr, DIST: tl.constexpr,
          ACC: tl.constexpr):
-    """[NSUB, DB, DB]: the strictly lower (LEFT) or upper triangular 0/1 matrix of a
-    sub-block, or with DIST the same holding the distance |r - j| - 1."""
+    """[NSUB, DB, DB]: the strictly lower (LEFT) or upper triangular 0/1 matrix of a dot
+    block, or with DIST the same holding the distance |r - j| - 1."""
     r = tl.arange(0, DB)[:, None]
     j = tl.arange(0, DB)[None, :]
     if LEFT:
@@ -166,8 +193,10 @@ def _frexp(x):
 def _cap(ACC: tl.constexpr):
     """Largest exponent the backward's row factors take (e^cap stays finite)."""
     if ACC == tl.float64:
-        return 700.0
-    return 80.0
+        c = 700.0
+    else:
+        c = 80.0
+    return c
 
 
 # ----------------------------------------------------------------------------- state algebra
@@ -211,41 +240,35 @@ def _rows(x, sel):
 
 
 # ----------------------------------------------------------------------------- forward
-@triton.autotune(configs=TILE_CONFIGS, key=KEY_TILE)
+@triton.autotune(configs=SUM_CONFIGS, key=KEY_TILE)
 @triton.jit(do_not_specialize=["T", "NT", "NU", "TPP", "TB"])
 def biwkv4_fwd_sum_kernel(k_ptr, v_ptr, w_ptr, s_ptr, B, T, C, NT, NU, TPP, TB,
                           S: tl.constexpr, BT: tl.constexpr, DB: tl.constexpr,
                           ACC: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
     """Unit summaries of TPP tiles: planes (K_u, nL, dL, nR, dR) of (5, B, NU, C), the left and
     right sums of e^{k}(v, 1) anchored at the unit's max key K_u and first row."""
-    NSUB: tl.constexpr = BT // DB
-    SPU: tl.constexpr = S // DB
+    UPT: tl.constexpr = BT // S
     pid_b, cols, cmask, w = _setup(w_ptr, C, BLOCK_C, ACC)
-    W = w[None, None, :]
+    W = w[None, :]
     st = B * NU * C
-    sb = tl.arange(0, NSUB)[:, None]
     for i in tl.range(0, TPP, num_stages=STAGES):
         j = tl.program_id(2) * TPP + i
         t0 = j * BT
-        t, valid, off = _tile(pid_b, t0, T, C, cols, cmask, NSUB, DB)
+        t, valid, off = _tile(pid_b, t0, T, C, cols, cmask, BT)
         k = tl.where(valid, tl.load(k_ptr + off, mask=valid, other=0.0).to(ACC), NEG)
         v = tl.load(v_ptr + off, mask=valid, other=0.0).to(ACC)
-        ku = _unit_max(k, NSUB, SPU)[:, None, :]
+        ku = _unit_max(k, BT, S)
         ro = ((t - t0) % S).to(ACC)
         xl = tl.exp(k - ku + ro * W)
         xr = tl.exp(k - ku - ro * W)
-        nl = _unit_sum(tl.sum(xl * v, axis=1), NSUB, SPU)
-        dl = _unit_sum(tl.sum(xl, axis=1), NSUB, SPU)
-        nr = _unit_sum(tl.sum(xr * v, axis=1), NSUB, SPU)
-        dr = _unit_sum(tl.sum(xr, axis=1), NSUB, SPU)
-        unit = (t0 + sb * DB) // S
-        first = (sb % SPU == 0) & (unit < NU) & cmask[None, :]
+        unit = t0 // S + tl.arange(0, UPT)[:, None]
+        ok = (unit < NU) & cmask[None, :]
         so = (pid_b * NU + unit) * C + cols[None, :]
-        tl.store(s_ptr + so, tl.max(ku, axis=1), mask=first)
-        tl.store(s_ptr + st + so, nl, mask=first)
-        tl.store(s_ptr + 2 * st + so, dl, mask=first)
-        tl.store(s_ptr + 3 * st + so, nr, mask=first)
-        tl.store(s_ptr + 4 * st + so, dr, mask=first)
+        tl.store(s_ptr + so, _unit_sum(tl.where(ro == 0, ku, 0.0), BT, S), mask=ok)
+        tl.store(s_ptr + st + so, _unit_sum(xl * v, BT, S), mask=ok)
+        tl.store(s_ptr + 2 * st + so, _unit_sum(xl, BT, S), mask=ok)
+        tl.store(s_ptr + 3 * st + so, _unit_sum(xr * v, BT, S), mask=ok)
+        tl.store(s_ptr + 4 * st + so, _unit_sum(xr, BT, S), mask=ok)
 
 
 @helper
@@ -329,7 +352,8 @@ def biwkv4_carry_kernel(s_ptr, a_ptr, b_ptr, c_ptr, kt_ptr, w_ptr, out_ptr, scr_
                         BWD: tl.constexpr, ACC: tl.constexpr, NSEG: tl.constexpr,
                         BLOCK_C: tl.constexpr):
     """Carries of every unit: for the left sums everything before the unit, for the right sums
-    everything after it, each in the unit's own frame. The NU units of a (b, channel block)
+    everything after it, each in the unit's own frame (backward: K_t from kt (B, NT, C), one
+    row per BT tokens). The NU units of a (b, channel block)
     form NSEG segments of SL consecutive units; phase 1 folds each segment (all segments at
     once), phase 2 scans the NSEG segment totals (through the scratch rows), phase 3 walks the
     segments again and writes each unit's carry. Forward output planes (4, B, NU, C):
@@ -432,69 +456,70 @@ def biwkv4_carry_kernel(s_ptr, a_ptr, b_ptr, c_ptr, kt_ptr, w_ptr, out_ptr, scr_
 
 
 @helper
-def _carry(c_ptr, pid_b, t, t0, NU, C, cols, cmask, valid, st, q,
-           S: tl.constexpr, NSUB: tl.constexpr, DB: tl.constexpr, FILL: tl.constexpr):
-    """Carry plane q of the unit of each row (S == 1: [NSUB, DB, BLOCK_C]) or of each
-    sub-block ([NSUB, 1, BLOCK_C])."""
-    if S == 1:
-        o = (pid_b * NU + t) * C + cols[None, None, :]
-        return tl.load(c_ptr + q * st + o, mask=valid, other=FILL)
-    unit = (t0 + tl.arange(0, NSUB)[:, None, None] * DB) // S
-    o = (pid_b * NU + unit) * C + cols[None, None, :]
-    return tl.load(c_ptr + q * st + o, mask=(unit < NU) & cmask[None, None, :], other=FILL)
+def _carry(c_ptr, pid_b, t, j, NU, C, cols, cmask, valid, st, q,
+           S: tl.constexpr, BT: tl.constexpr, FILL: tl.constexpr):
+    """Carry plane q of each row's unit: [1, BLOCK_C] when the tile is one unit (tile j),
+    else [BT, BLOCK_C]."""
+    if S == BT:
+        o = (pid_b * NU + j) * C + cols[None, :]
+        m = cmask[None, :]
+    else:
+        o = (pid_b * NU + t // S) * C + cols[None, :]
+        m = valid
+    return tl.load(c_ptr + q * st + o, mask=m, other=FILL)
 
 
-@triton.autotune(configs=TILE_CONFIGS, key=KEY_TILE)
+@triton.autotune(configs=FWD_CONFIGS, key=KEY_TILE)
 @triton.jit(do_not_specialize=["T", "NT", "NU", "TPP", "TB"])
 def biwkv4_fwd_kernel(k_ptr, v_ptr, w_ptr, u_ptr, c_ptr, y_ptr, z_ptr, ya_ptr, kt_ptr,
                       B, T, C, NT, NU, TPP, TB, S: tl.constexpr, BT: tl.constexpr,
                       DB: tl.constexpr, STORE_Z: tl.constexpr, STORE_YA: tl.constexpr,
                       ACC: tl.constexpr, PREC: tl.constexpr, BLOCK_C: tl.constexpr,
                       STAGES: tl.constexpr):
-    """y of TPP tiles, each touched once: in-unit left and right sums as tl.dot of the
+    """y of TPP tiles, each touched once: in-unit left and right sums as dots of the
     triangular 0/1 matrices with the anchored terms e^{k - K_u +- r w}(v, 1), the unit's
     carries added elementwise, then Eq. 5. STORE_Z: z = log-denominator - K_t and K_t, the
     tile max of k, (B, NT, C) (for the backward); STORE_YA: y in float32/64 as well."""
-    NSUB: tl.constexpr = BT // DB
     pid_b, cols, cmask, w = _setup(w_ptr, C, BLOCK_C, ACC)
-    u = tl.load(u_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, None, :]
-    W = w[None, None, :]
+    u = tl.load(u_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+    W = w[None, :]
     st = B * NU * C
     for i in tl.range(0, TPP, num_stages=STAGES):
         j = tl.program_id(2) * TPP + i
         t0 = j * BT
-        t, valid, off = _tile(pid_b, t0, T, C, cols, cmask, NSUB, DB)
+        t, valid, off = _tile(pid_b, t0, T, C, cols, cmask, BT)
         k = tl.where(valid, tl.load(k_ptr + off, mask=valid, other=0.0).to(ACC), NEG)
         v = tl.load(v_ptr + off, mask=valid, other=0.0).to(ACC)
-        cdl = _carry(c_ptr, pid_b, t, t0, NU, C, cols, cmask, valid, st, 0, S, NSUB, DB, NEG)
-        cyl = _carry(c_ptr, pid_b, t, t0, NU, C, cols, cmask, valid, st, 1, S, NSUB, DB, 0.0)
-        cdr = _carry(c_ptr, pid_b, t, t0, NU, C, cols, cmask, valid, st, 2, S, NSUB, DB, NEG)
-        cyr = _carry(c_ptr, pid_b, t, t0, NU, C, cols, cmask, valid, st, 3, S, NSUB, DB, 0.0)
+        cdl = _carry(c_ptr, pid_b, t, j, NU, C, cols, cmask, valid, st, 0, S, BT, NEG)
+        cyl = _carry(c_ptr, pid_b, t, j, NU, C, cols, cmask, valid, st, 1, S, BT, 0.0)
+        cdr = _carry(c_ptr, pid_b, t, j, NU, C, cols, cmask, valid, st, 2, S, BT, NEG)
+        cyr = _carry(c_ptr, pid_b, t, j, NU, C, cols, cmask, valid, st, 3, S, BT, 0.0)
         if S == 1:      # units of one row: only carries and the diagonal
             ku = k
             one = tl.zeros_like(k) + 1.0
             el, nl, dl = cdl, cyl, one
             er, nr, dr = cdr, cyr, one
         else:
-            SPU: tl.constexpr = S // DB
-            ku = _unit_max(k, NSUB, SPU)[:, None, :]
+            NSUB: tl.constexpr = BT // DB
+            ku = _unit_max(k, BT, S)
             ro = ((t - t0) % S).to(ACC)
             xl = tl.exp(k - ku + ro * W)
             xr = tl.exp(k - ku - ro * W)
             xlv = xl * v
             xrv = xr * v
-            nl = tl.dot(_tri(NSUB, DB, True, False, ACC), xlv, input_precision=PREC)
-            dl = tl.dot(_tri(NSUB, DB, True, False, ACC), xl, input_precision=PREC)
-            nr = tl.dot(_tri(NSUB, DB, False, False, ACC), xrv, input_precision=PREC)
-            dr = tl.dot(_tri(NSUB, DB, False, False, ACC), xr, input_precision=PREC)
-            if SPU > 1:
-                z0 = tl.zeros([NSUB, BLOCK_C], ACC)
-                pn, _ = _cross(tl.sum(xlv, axis=1), z0, NSUB, SPU, DB, True)
-                pd, _ = _cross(tl.sum(xl, axis=1), z0, NSUB, SPU, DB, True)
-                qn, _ = _cross(tl.sum(xrv, axis=1), z0, NSUB, SPU, DB, False)
-                qd, _ = _cross(tl.sum(xr, axis=1), z0, NSUB, SPU, DB, False)
+            lo = _tri(NSUB, DB, True, False, ACC)
+            up = _tri(NSUB, DB, False, False, ACC)
+            nl = _tdot(lo, xlv, DB, PREC)
+            dl = _tdot(lo, xl, DB, PREC)
+            nr = _tdot(up, xrv, DB, PREC)
+            dr = _tdot(up, xr, DB, PREC)
+            if S > DB:      # earlier / later dot blocks of the unit
+                pn, _ = _cross(xlv, xlv, DB, S // DB, True)
+                pd, _ = _cross(xl, xl, DB, S // DB, True)
+                qn, _ = _cross(xrv, xrv, DB, S // DB, False)
+                qd, _ = _cross(xr, xr, DB, S // DB, False)
                 nl, dl, nr, dr = nl + pn, dl + pd, nr + qn, dr + qd
-            # left total e^{K_u - (r - 1) w + aL} (nl, dl) + carry, likewise right
+            # left total e^{K_u - (r - 1) w + aL} (nl, dl) with the carry, likewise right
             al = tl.maximum(cdl - W, 0.0)
             fl = tl.exp(cdl - W - al)
             sl = tl.exp(-al)
@@ -524,13 +549,13 @@ def biwkv4_fwd_kernel(k_ptr, v_ptr, w_ptr, u_ptr, c_ptr, y_ptr, z_ptr, ya_ptr, k
         if STORE_YA:
             tl.store(ya_ptr + off, y, mask=valid)
         if STORE_Z:
-            kt = tl.max(tl.max(k, axis=1), axis=0)
-            tl.store(z_ptr + off, m + tl.log(den) + (ku - kt[None, None, :]), mask=valid)
+            kt = tl.max(k, axis=0)
+            tl.store(z_ptr + off, m + tl.log(den) + (ku - kt[None, :]), mask=valid)
             tl.store(kt_ptr + (pid_b * NT + j) * C + cols, kt, mask=cmask & (j < NT))
 
 
 # ----------------------------------------------------------------------------- backward
-@triton.autotune(configs=TILE_CONFIGS, key=KEY_TILE)
+@triton.autotune(configs=SUM_CONFIGS, key=KEY_TILE)
 @triton.jit(do_not_specialize=["T", "NT", "NU", "TPP", "TB"])
 def biwkv4_bwd_sum_kernel(z_ptr, gy_ptr, y_ptr, w_ptr, s_ptr, B, T, C, NT, NU, TPP, TB,
                           S: tl.constexpr, BT: tl.constexpr, DB: tl.constexpr,
@@ -538,58 +563,67 @@ def biwkv4_bwd_sum_kernel(z_ptr, gy_ptr, y_ptr, w_ptr, s_ptr, B, T, C, NT, NU, T
     """Unit summaries of the backward scans of q = gy e^{-logD} and q y, anchored at the
     unit's max Q_u of -z: planes (Q_u, left g1, g2, m1, m2, right g1, g2, m1, m2) of
     (9, B, NU, C), m the distance moments about the unit's first row."""
-    NSUB: tl.constexpr = BT // DB
-    SPU: tl.constexpr = S // DB
+    UPT: tl.constexpr = BT // S
     pid_b, cols, cmask, w = _setup(w_ptr, C, BLOCK_C, ACC)
-    W = w[None, None, :]
+    W = w[None, :]
     st = B * NU * C
-    sb = tl.arange(0, NSUB)[:, None]
     for i in tl.range(0, TPP, num_stages=STAGES):
         j = tl.program_id(2) * TPP + i
         t0 = j * BT
-        t, valid, off = _tile(pid_b, t0, T, C, cols, cmask, NSUB, DB)
+        t, valid, off = _tile(pid_b, t0, T, C, cols, cmask, BT)
         a = tl.where(valid, -tl.load(z_ptr + off, mask=valid, other=0.0).to(ACC), NEG)
         gy = tl.load(gy_ptr + off, mask=valid, other=0.0).to(ACC)
         y = tl.load(y_ptr + off, mask=valid, other=0.0).to(ACC)
-        qu = _unit_max(a, NSUB, SPU)[:, None, :]
+        qu = _unit_max(a, BT, S)
         ro = ((t - t0) % S).to(ACC)
         al = tl.exp(a - qu + ro * W) * gy
         ar = tl.exp(a - qu - ro * W) * gy
-        unit = (t0 + sb * DB) // S
-        first = (sb % SPU == 0) & (unit < NU) & cmask[None, :]
+        unit = t0 // S + tl.arange(0, UPT)[:, None]
+        ok = (unit < NU) & cmask[None, :]
         so = (pid_b * NU + unit) * C + cols[None, :]
-        tl.store(s_ptr + so, tl.max(qu, axis=1), mask=first)
+        tl.store(s_ptr + so, _unit_sum(tl.where(ro == 0, qu, 0.0), BT, S), mask=ok)
         vals = (al, al * y, -ro * al, -ro * (al * y), ar, ar * y, ro * ar, ro * (ar * y))
         for q in tl.static_range(8):
-            tl.store(s_ptr + (q + 1) * st + so, _unit_sum(tl.sum(vals[q], axis=1), NSUB, SPU),
-                     mask=first)
+            tl.store(s_ptr + (q + 1) * st + so, _unit_sum(vals[q], BT, S), mask=ok)
 
 
 @helper
-def _bwd_dir(a1, a2, NSUB: tl.constexpr, SPU: tl.constexpr, DB: tl.constexpr,
-             LEFT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """In-unit exclusive sums (left or right) of a1, a2 and their distance-weighted sums."""
-    tri = _tri(NSUB, DB, LEFT, False, ACC)
-    dst = _tri(NSUB, DB, LEFT, True, ACC)
-    s1 = tl.dot(tri, a1, input_precision=PREC)
-    s2 = tl.dot(tri, a2, input_precision=PREC)
-    m1 = tl.dot(dst, a1, input_precision=PREC)
-    m2 = tl.dot(dst, a2, input_precision=PREC)
-    if SPU > 1:
-        r = tl.arange(0, DB)[None, :, None].to(ACC)
+def _bwd_dir(a1, a2, rb, DB: tl.constexpr, S: tl.constexpr, LEFT: tl.constexpr,
+             ACC: tl.constexpr, PREC: tl.constexpr):
+    """In-unit exclusive sums (left or right) of a1, a2 and their distance-weighted sums;
+    rb: each row's index in its dot block."""
+    nsub: tl.constexpr = a1.shape[0] // DB
+    tri = _tri(nsub, DB, LEFT, False, ACC)
+    dst = _tri(nsub, DB, LEFT, True, ACC)
+    s1 = _tdot(tri, a1, DB, PREC)
+    s2 = _tdot(tri, a2, DB, PREC)
+    m1 = _tdot(dst, a1, DB, PREC)
+    m2 = _tdot(dst, a2, DB, PREC)
+    if S > DB:
         if LEFT:
-            far = (DB - 1.0) - r          # distance of each row from the sub-block's last row
-            near = r                      # rows between a row and the sub-block's first row
+            far = (DB - 1.0) - rb          # distance of each row from its block's last row
+            near = rb                      # rows between a row and its block's first row
         else:
-            far = r
-            near = (DB - 1.0) - r
-        p0, p1 = _cross(tl.sum(a1, axis=1), tl.sum(far * a1, axis=1), NSUB, SPU, DB, LEFT)
-        q0, q1 = _cross(tl.sum(a2, axis=1), tl.sum(far * a2, axis=1), NSUB, SPU, DB, LEFT)
+            far = rb
+            near = (DB - 1.0) - rb
+        p0, p1 = _cross(a1, far * a1, DB, S // DB, LEFT)
+        q0, q1 = _cross(a2, far * a2, DB, S // DB, LEFT)
         s1 = s1 + p0
         s2 = s2 + q0
         m1 = m1 + near * p0 + p1
         m2 = m2 + near * q0 + q1
     return s1, s2, m1, m2
+
+
+@helper
+def _carries5(c_ptr, pid_b, t, j, NU, C, cols, cmask, valid, st, q0: tl.constexpr,
+              S: tl.constexpr, BT: tl.constexpr):
+    """One direction's backward carry: exponent, g1, g2, m1, m2 (planes q0 .. q0 + 4)."""
+    return (_carry(c_ptr, pid_b, t, j, NU, C, cols, cmask, valid, st, q0, S, BT, NEG),
+            _carry(c_ptr, pid_b, t, j, NU, C, cols, cmask, valid, st, q0 + 1, S, BT, 0.0),
+            _carry(c_ptr, pid_b, t, j, NU, C, cols, cmask, valid, st, q0 + 2, S, BT, 0.0),
+            _carry(c_ptr, pid_b, t, j, NU, C, cols, cmask, valid, st, q0 + 3, S, BT, 0.0),
+            _carry(c_ptr, pid_b, t, j, NU, C, cols, cmask, valid, st, q0 + 4, S, BT, 0.0))
 
 
 @helper
@@ -609,69 +643,72 @@ def _bwd_total(s1, s2, m1, m2, cd, c1, c2, c3, c4, ro, W, LEFT: tl.constexpr):
 
 @triton.autotune(configs=BWD_CONFIGS, key=KEY_TILE)
 @triton.jit(do_not_specialize=["T", "NT", "NU", "TPP", "TB"])
-def biwkv4_bwd_kernel(k_ptr, v_ptr, y_ptr, z_ptr, gy_ptr, w_ptr, u_ptr, c_ptr, gk_ptr, gv_ptr,
-                      gwp_ptr, gup_ptr, B, T, C, NT, NU, TPP, TB, S: tl.constexpr,
-                      BT: tl.constexpr, DB: tl.constexpr, ACC: tl.constexpr,
+def biwkv4_bwd_kernel(k_ptr, v_ptr, y_ptr, z_ptr, gy_ptr, kt_ptr, w_ptr, u_ptr, c_ptr, gk_ptr,
+                      gv_ptr, gwp_ptr, gup_ptr, B, T, C, NT, NTK, NU, TPP, TB, S: tl.constexpr,
+                      BT: tl.constexpr, KG: tl.constexpr, DB: tl.constexpr, ACC: tl.constexpr,
                       PREC: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
     """gk, gv of TPP tiles, each touched once, and this program's partial sums of gw, gu
-    (written to (B, programs along T, C); summed on the host in a fixed order)."""
-    NSUB: tl.constexpr = BT // DB
+    (written to (B, programs along T, C); summed on the host in a fixed order). z is relative
+    to K_t, read from kt (B, NTK, C), one row per KG tokens."""
     pid_b, cols, cmask, w = _setup(w_ptr, C, BLOCK_C, ACC)
-    u = tl.load(u_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, None, :]
-    W = w[None, None, :]
+    u = tl.load(u_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+    W = w[None, :]
     st = B * NU * C
     gw_acc = tl.zeros([BLOCK_C], ACC)
     gu_acc = tl.zeros([BLOCK_C], ACC)
     for i in tl.range(0, TPP, num_stages=STAGES):
         j = tl.program_id(2) * TPP + i
         t0 = j * BT
-        t, valid, off = _tile(pid_b, t0, T, C, cols, cmask, NSUB, DB)
+        t, valid, off = _tile(pid_b, t0, T, C, cols, cmask, BT)
         k = tl.where(valid, tl.load(k_ptr + off, mask=valid, other=0.0).to(ACC), NEG)
         v = tl.load(v_ptr + off, mask=valid, other=0.0).to(ACC)
         y = tl.load(y_ptr + off, mask=valid, other=0.0).to(ACC)
         zz = tl.load(z_ptr + off, mask=valid, other=0.0).to(ACC)
         gy = tl.load(gy_ptr + off, mask=valid, other=0.0).to(ACC)
         a = tl.where(valid, -zz, NEG)
-        kt = tl.max(tl.max(k, axis=1), axis=0)[None, None, :]
-        ld = _carry(c_ptr, pid_b, t, t0, NU, C, cols, cmask, valid, st, 0, S, NSUB, DB, NEG)
-        l1 = _carry(c_ptr, pid_b, t, t0, NU, C, cols, cmask, valid, st, 1, S, NSUB, DB, 0.0)
-        l2 = _carry(c_ptr, pid_b, t, t0, NU, C, cols, cmask, valid, st, 2, S, NSUB, DB, 0.0)
-        l3 = _carry(c_ptr, pid_b, t, t0, NU, C, cols, cmask, valid, st, 3, S, NSUB, DB, 0.0)
-        l4 = _carry(c_ptr, pid_b, t, t0, NU, C, cols, cmask, valid, st, 4, S, NSUB, DB, 0.0)
-        rd = _carry(c_ptr, pid_b, t, t0, NU, C, cols, cmask, valid, st, 5, S, NSUB, DB, NEG)
-        r1 = _carry(c_ptr, pid_b, t, t0, NU, C, cols, cmask, valid, st, 6, S, NSUB, DB, 0.0)
-        r2 = _carry(c_ptr, pid_b, t, t0, NU, C, cols, cmask, valid, st, 7, S, NSUB, DB, 0.0)
-        r3 = _carry(c_ptr, pid_b, t, t0, NU, C, cols, cmask, valid, st, 8, S, NSUB, DB, 0.0)
-        r4 = _carry(c_ptr, pid_b, t, t0, NU, C, cols, cmask, valid, st, 9, S, NSUB, DB, 0.0)
-        base = (k - kt)
+        kt = tl.load(kt_ptr + (pid_b * NTK + t0 // KG) * C + cols, mask=cmask, other=0.0)[None, :]
+        base = k - kt
+        ld, l1, l2, l3, l4 = _carries5(c_ptr, pid_b, t, j, NU, C, cols, cmask, valid, st, 0, S, BT)
         if S == 1:      # units of one row: the carries are the whole off-diagonal sums
+            rd, r1, r2, r3, r4 = _carries5(c_ptr, pid_b, t, j, NU, C, cols, cmask, valid, st, 5,
+                                           S, BT)
             fl = tl.exp(tl.minimum(base + a + ld, _cap(ACC)))
             fr = tl.exp(tl.minimum(base + a + rd, _cap(ACC)))
-            G1, G2, M1, M2 = l1, l2, l3, l4
-            H1, H2, N1, N2 = r1, r2, r3, r4
+            gv = fl * l1 + fr * r1
+            gk = fl * (v * l1 - l2) + fr * (v * r1 - r2)
+            gwe = fl * (v * l3 - l4) + fr * (v * r3 - r4)
         else:
-            SPU: tl.constexpr = S // DB
-            qu = _unit_max(a, NSUB, SPU)[:, None, :]
+            # left, then right: each direction's sums go into gk, gv, gw before the next
+            qu = _unit_max(a, BT, S)
             ro = ((t - t0) % S).to(ACC)
-            xl = tl.exp(a - qu + ro * W) * gy
-            xr = tl.exp(a - qu - ro * W) * gy
-            sl1, sl2, sm1, sm2 = _bwd_dir(xl, xl * y, NSUB, SPU, DB, True, ACC, PREC)
-            sr1, sr2, sn1, sn2 = _bwd_dir(xr, xr * y, NSUB, SPU, DB, False, ACC, PREC)
-            G1, G2, M1, M2, al = _bwd_total(sl1, sl2, sm1, sm2, ld, l1, l2, l3, l4, ro, W, True)
-            H1, H2, N1, N2, ar = _bwd_total(sr1, sr2, sn1, sn2, rd, r1, r2, r3, r4, ro, W, False)
-            # e^{k} times the left / right sums of q: row factors, capped (docs/kernels.md)
-            fl = tl.exp(tl.minimum(base + qu - (ro - 1.0) * W + al, _cap(ACC)))
-            fr = tl.exp(tl.minimum(base + qu + (ro + 1.0) * W + ar, _cap(ACC)))
-        p = tl.exp(tl.minimum(u + (k - kt) - zz, 0.0))
+            rb = ((t - t0) % DB).to(ACC)
+            x = tl.exp(a - qu + ro * W) * gy
+            s1, s2, m1, m2 = _bwd_dir(x, x * y, rb, DB, S, True, ACC, PREC)
+            G1, G2, M1, M2, al = _bwd_total(s1, s2, m1, m2, ld, l1, l2, l3, l4, ro, W, True)
+            # e^{k} times the left sums of q: row factor, capped (docs/kernels.md)
+            f = tl.exp(tl.minimum(base + qu - (ro - 1.0) * W + al, _cap(ACC)))
+            gv = f * G1
+            gk = f * (v * G1 - G2)
+            gwe = f * (v * M1 - M2)
+            x = tl.exp(a - qu - ro * W) * gy
+            rd, r1, r2, r3, r4 = _carries5(c_ptr, pid_b, t, j, NU, C, cols, cmask, valid, st, 5,
+                                           S, BT)
+            s1, s2, m1, m2 = _bwd_dir(x, x * y, rb, DB, S, False, ACC, PREC)
+            G1, G2, M1, M2, ar = _bwd_total(s1, s2, m1, m2, rd, r1, r2, r3, r4, ro, W, False)
+            f = tl.exp(tl.minimum(base + qu + (ro + 1.0) * W + ar, _cap(ACC)))
+            gv += f * G1
+            gk += f * (v * G1 - G2)
+            gwe += f * (v * M1 - M2)
+        # the diagonal
+        p = tl.exp(tl.minimum(u + base - zz, 0.0))
         gvd = gy * p
         gkd = gvd * (v - y)
-        gv = fl * G1 + fr * H1 + gvd
-        gk = fl * (v * G1 - G2) + fr * (v * H1 - H2) + gkd
-        gwe = fl * (v * M1 - M2) + fr * (v * N1 - N2)
+        gv += gvd
+        gk += gkd
         tl.store(gk_ptr + off, gk.to(gk_ptr.dtype.element_ty), mask=valid)
         tl.store(gv_ptr + off, gv.to(gv_ptr.dtype.element_ty), mask=valid)
-        gw_acc -= tl.sum(tl.sum(tl.where(valid, gwe, 0.0), axis=1), axis=0)
-        gu_acc += tl.sum(tl.sum(tl.where(valid, gkd, 0.0), axis=1), axis=0)
+        gw_acc -= tl.sum(tl.where(valid, gwe, 0.0), axis=0)
+        gu_acc += tl.sum(tl.where(valid, gkd, 0.0), axis=0)
     po = (pid_b * tl.num_programs(2) + tl.program_id(2)) * C + cols
     tl.store(gwp_ptr + po, gw_acc, mask=cmask)
     tl.store(gup_ptr + po, gu_acc, mask=cmask)
@@ -684,5 +721,5 @@ KERNELS = {
     "bwd_sum": biwkv4_bwd_sum_kernel,
     "bwd": biwkv4_bwd_kernel,
 }
-CONFIGS = {"fwd_sum": TILE_CONFIGS, "carry": CARRY_CONFIGS, "fwd": TILE_CONFIGS,
-           "bwd_sum": TILE_CONFIGS, "bwd": BWD_CONFIGS}
+CONFIGS = {"fwd_sum": SUM_CONFIGS, "carry": CARRY_CONFIGS, "fwd": FWD_CONFIGS,
+           "bwd_sum": SUM_CONFIGS, "bwd": BWD_CONFIGS}

@@ -82,17 +82,18 @@ def fixed_configs(enabled: bool = True):
     return _setting(_FIXED_VAR, enabled)
 
 
-_OVERRIDE_KEYS = ("BT", "DBF", "DBB", "S", "TPP", "BLOCK_C", "NSEG")
+_OVERRIDE_KEYS = ("BT", "DBF", "BTB", "DBB", "S", "TPP", "BLOCK_C", "NSEG")
 
 
 def tile_config(**meta):
-    """Test/benchmark hook: launch every kernel with its fixed config and these sizes: BT (tile
-    rows), DBF / DBB (rows of the forward / backward dot blocks), S (largest unit length; the
-    host's choice from w can only get smaller), TPP (tiles per program), BLOCK_C, NSEG."""
+    """Test/benchmark hook: launch every kernel with its fixed config and these sizes: BT / BTB
+    (forward / backward tile rows), DBF / DBB (rows of their dot blocks), S (largest unit
+    length; the host's choice from w can only get smaller), TPP (tiles per program), BLOCK_C,
+    NSEG."""
     bad = set(meta) - set(_OVERRIDE_KEYS)
     if bad:
         raise ValueError(f"unknown tile_config keys {sorted(bad)}; known: {_OVERRIDE_KEYS}")
-    for key in ("BT", "DBF", "DBB", "S"):
+    for key in ("BT", "DBF", "BTB", "DBB", "S"):
         x = meta.get(key)
         if x is not None and (x < 1 or x & (x - 1)):
             raise ValueError(f"{key} must be a power of two, got {x}")
@@ -156,13 +157,14 @@ def _override():
     return _OVERRIDE_VAR.get() or {}
 
 
-def tile_sizes(dtype) -> tuple[int, int, int]:
-    """(BT, DB forward, DB backward) for inputs of ``dtype``: tile rows (the granularity of
-    the residual K_t) and the rows of the forward's and backward's dot blocks."""
-    bt, dbf, dbb = _kernels().TILES[_acc_name(dtype)]
+def tile_sizes(dtype) -> tuple[int, int, int, int]:
+    """(BT, DB, BTB, DBB) for inputs of ``dtype``: the forward's tile rows (also the
+    granularity of the residual K_t) and dot-block rows, and the backward's (BTB divides BT)."""
+    bt, dbf, btb, dbb = _kernels().TILES[_acc_name(dtype)]
     o = _override()
     bt = o.get("BT", bt)
-    return bt, min(o.get("DBF", dbf), bt), min(o.get("DBB", dbb), bt)
+    btb = min(o.get("BTB", btb), bt)
+    return bt, min(o.get("DBF", dbf), bt), btb, min(o.get("DBB", dbb), btb)
 
 
 def unit_rows(wmax: float, T: int, BT: int, DB: int, dtype) -> tuple[int, int]:
@@ -246,7 +248,7 @@ def triton_forward(w, u, k, v, need_grad: bool, share_y: bool = False):
     acc = _acc(k.dtype)
     ACC = _tl_acc(k.dtype)
     dev = k.device
-    BT, DB, _ = tile_sizes(k.dtype)
+    BT, DB, _, _ = tile_sizes(k.dtype)
     S, DB = unit_rows(_max_abs(w), T, BT, DB, k.dtype)
     NT, NU = _cdiv(T, BT), _cdiv(T, S)
     TPP = _tiles_per_program(NT)
@@ -260,7 +262,7 @@ def triton_forward(w, u, k, v, need_grad: bool, share_y: bool = False):
         _launch("fwd_sum", lambda m: (B, _cdiv(C, m["BLOCK_C"]), NP),
                 k, v, w, s, B, T, C, NT, NU, TPP, TB, S=S, BT=BT, DB=DB, ACC=ACC)
     c = _alloc((4, B, NU, C), acc, dev)
-    scr = _alloc((14, B, kk.NSEG_MAX, C), acc, dev)
+    scr = _alloc((14, B, kk.NSEG_MAX.value, C), acc, dev)
     _launch("carry", lambda m: (B, _cdiv(C, m["BLOCK_C"])),
             s, k, v, k, kt, w, c, scr, B, T, C, NT, NU, TB, S=S, BT=BT, BWD=False, ACC=ACC)
     store_ya = need_grad and not (share_y and k.dtype == acc)
@@ -269,7 +271,7 @@ def triton_forward(w, u, k, v, need_grad: bool, share_y: bool = False):
     _launch("fwd", lambda m: (B, _cdiv(C, m["BLOCK_C"]), NP),
             k, v, w, u, c, y, z, ya, kt, B, T, C, NT, NU, TPP, TB, S=S, BT=BT, DB=DB,
             STORE_Z=need_grad, STORE_YA=store_ya, ACC=ACC,
-            PREC="ieee" if acc == torch.float64 else "tf32x3")
+            PREC="ieee" if acc == torch.float64 else "tf32")
     if not need_grad:
         return y, ()
     return y, (ya, z, kt)
@@ -287,13 +289,13 @@ def triton_backward(w, u, k, v, residuals: tuple, gy):
     acc = _acc(k.dtype)
     ACC = _tl_acc(k.dtype)
     dev = k.device
-    BT, _, DB = tile_sizes(k.dtype)
+    KG, _, BT, DB = tile_sizes(k.dtype)
     want = [(tuple(s), d) for s, d in triton_residual_specs(B, T, C, k.dtype)]
     if [(tuple(r.shape), r.dtype) for r in residuals] != want:
         raise ValueError(f"residuals do not match triton_residual_specs: got "
                          f"{[(tuple(r.shape), r.dtype) for r in residuals]}, want {want}")
     S, DB = unit_rows(_max_abs(w), T, BT, DB, k.dtype)
-    NT, NU = _cdiv(T, BT), _cdiv(T, S)
+    NT, NU, NTK = _cdiv(T, BT), _cdiv(T, S), _cdiv(T, KG)
     TPP = _tiles_per_program(NT)
     NP = _cdiv(NT, TPP)
     TB = _t_bucket(T)
@@ -302,16 +304,16 @@ def triton_backward(w, u, k, v, residuals: tuple, gy):
         _launch("bwd_sum", lambda m: (B, _cdiv(C, m["BLOCK_C"]), NP),
                 z, gy, ya, w, s, B, T, C, NT, NU, TPP, TB, S=S, BT=BT, DB=DB, ACC=ACC)
     c = _alloc((10, B, NU, C), acc, dev)
-    scr = _alloc((14, B, kk.NSEG_MAX, C), acc, dev)
+    scr = _alloc((14, B, kk.NSEG_MAX.value, C), acc, dev)
     _launch("carry", lambda m: (B, _cdiv(C, m["BLOCK_C"])),
-            s, z, gy, ya, kt, w, c, scr, B, T, C, NT, NU, TB, S=S, BT=BT, BWD=True, ACC=ACC)
+            s, z, gy, ya, kt, w, c, scr, B, T, C, NTK, NU, TB, S=S, BT=KG, BWD=True, ACC=ACC)
     gk = _alloc((B, T, C), k.dtype, dev)
     gv = _alloc((B, T, C), v.dtype, dev)
     gwp = _alloc((B, NP, C), acc, dev)
     gup = _alloc((B, NP, C), acc, dev)
     _launch("bwd", lambda m: (B, _cdiv(C, m["BLOCK_C"]), NP),
-            k, v, ya, z, gy, w, u, c, gk, gv, gwp, gup, B, T, C, NT, NU, TPP, TB,
-            S=S, BT=BT, DB=DB, ACC=ACC, PREC="ieee" if acc == torch.float64 else "tf32x3")
+            k, v, ya, z, gy, kt, w, u, c, gk, gv, gwp, gup, B, T, C, NT, NTK, NU, TPP, TB,
+            S=S, BT=BT, KG=KG, DB=DB, ACC=ACC, PREC="ieee")
     # fixed-order (deterministic) sums of the per-program partials
     gw = gwp.sum(dim=(0, 1)).to(w.dtype)
     gu = gup.sum(dim=(0, 1)).to(u.dtype)
@@ -320,53 +322,49 @@ def triton_backward(w, u, k, v, residuals: tuple, gy):
 
 # ----------------------------------------------------------------------------- traffic model
 def traffic(B: int, T: int, C: int, dtype: torch.dtype, S: int | None = None,
-            backward: bool = False, share_y: bool = True, nseg: int | None = None) -> dict:
+            Sb: int | None = None, backward: bool = False, share_y: bool = True,
+            nseg: int | None = None) -> dict:
     """Bytes per (b, t, c) element and launches of one call, counted from the kernels' loads
-    and stores with the tile sizes they run with (``S``: the unit length; default: the tile,
-    as for HPCM's w). Each entry is split into "main" (inputs, outputs, residuals, unit
-    summaries and carries) and "scratch" (the carry kernel's per-program segment rows,
-    written and read back by the same program). ``backward``: the forward with what the
-    backward needs stored, plus the backward."""
+    and stores with the tile sizes they run with: ``S`` / ``Sb`` are the forward's / the
+    backward's unit lengths (default: their tiles, what HPCM's w gives; 1 for one-token
+    units). "bytes" counts inputs, outputs, residuals, unit summaries and carries (each
+    value once, as DRAM sees them); "scratch" the carry kernel's segment rows, written and read
+    back by the same program. ``backward``: the forward storing what the backward needs
+    (``share_y``: y itself as its residual, as BiWKV4Function does), plus the backward."""
     e = torch.empty((), dtype=dtype).element_size()
     a = 8 if dtype == torch.float64 else 4
-    BT, _, _ = tile_sizes(dtype)
+    BT, _, BTB, _ = tile_sizes(dtype)
     S = BT if S is None else S
-    NU = _cdiv(T, S)
-    per_unit = NU / T                       # unit rows per token
+    Sb = BTB if Sb is None else Sb
     nseg = nseg or _kernels().CARRY_CONFIGS[0].kwargs["NSEG"]
-    sl = _cdiv(NU, nseg)
-    segs = _cdiv(NU, sl)                    # segments the carry kernel uses
 
-    def carry(nv_read1, nv_read3, nv_out, nscr):
-        # phase 1 reads every unit summary, phase 3 each direction's part again; the scratch
-        # rows are written twice and read twice per used segment
-        return (nv_read1 + nv_read3 + nv_out) * a * per_unit, 4 * nscr * segs * a / T
+    def segs(s):
+        nu = _cdiv(T, s)
+        return _cdiv(nu, _cdiv(nu, nseg))
 
-    # forward: summaries (K_u, nL, dL, nR, dR); carries (dL, yL, dR, yR)
+    # forward. Summaries (K_u, nL, dL, nR, dR) per unit; the carry kernel reads them in phase 1
+    # and each direction's three again in phase 3 and writes (dL, yL, dR, yR); one-token units
+    # read k, v instead
     if S > 1:
-        f_sum = 2 * e + 5 * a * per_unit
-        f_car, f_scr = carry(5, 6, 4, 8)
+        fwd = (2 * e + 5 * a / S) + (5 + 6 + 4) * a / S + (2 * e + e + 4 * a / S)
     else:
-        f_sum = 0.0
-        f_car, f_scr = carry(2 * e / a, 2 * 2 * e / a, 4, 8)
-    f_out = 2 * e + e + 4 * a * (per_unit if S > 1 else 1)
-    fwd = f_sum + f_car + f_out
-    out = {"fwd_bytes_per_elem": fwd, "fwd_scratch_per_elem": f_scr,
+        fwd = (2 * e + 2 * 2 * e + 4 * a) + (2 * e + e + 4 * a)
+    out = {"fwd_bytes_per_elem": fwd, "fwd_scratch_per_elem": 4 * 8 * segs(S) * a / T,
            "fwd_launches": 3 if S > 1 else 2}
     if backward:
-        ya = 0 if (share_y and e == a) else a
-        fwd_g = fwd + a + ya + a / BT          # z, y for the backward, K_t
-        # summaries (Q_u, 4 left, 4 right); carries (dL, 4, dR, 4); K_t per unit in the carry
-        if S > 1:
-            b_sum = 2 * a + e + 9 * a * per_unit
-            b_car, b_scr = carry(9 + 1, 2 * 6, 10, 14)
+        fwd_g = fwd + a + (0 if (share_y and e == a) else a) + a / BT   # z, y copy, K_t
+        # summaries (Q_u, 4 left, 4 right) of z, gy, y; the carry kernel reads them with K_t
+        # (phase 1) and each direction's six again (phase 3) and writes 10 planes; the output
+        # kernel reads k, v, gy, y, z, K_t and the carries, writes gk, gv
+        rd = 2 * a + e
+        if Sb > 1:
+            bwd = (rd + 9 * a / Sb) + (10 + 12 + 10) * a / Sb \
+                + (3 * e + 2 * a + a / BTB + 10 * a / Sb + 2 * e)
         else:
-            b_sum = 0.0
-            b_car, b_scr = carry((2 * a + e) / a + 1, 2 * ((2 * a + e) / a + 1), 10, 14)
-        b_out = 3 * e + 2 * a + 2 * e + 10 * a * (per_unit if S > 1 else 1)
-        bwd = b_sum + b_car + b_out
-        out.update(fwdbwd_bytes_per_elem=fwd_g + bwd, fwdbwd_scratch_per_elem=f_scr + b_scr,
-                   fwdbwd_launches=out["fwd_launches"] + (3 if S > 1 else 2) + 2)
+            bwd = (rd + a) * 3 + 10 * a + (3 * e + 2 * a + a / BTB + 10 * a + 2 * e)
+        out.update(fwdbwd_bytes_per_elem=fwd_g + bwd,
+                   fwdbwd_scratch_per_elem=out["fwd_scratch_per_elem"] + 4 * 14 * segs(Sb) * a / T,
+                   fwdbwd_launches=out["fwd_launches"] + (3 if Sb > 1 else 2))
     return out
 
 

@@ -410,18 +410,18 @@ def test_triton_on_cpu_without_interpreter_raises():
 
 # ----------------------------------------------------------------------------- traffic
 def test_traffic_model():
-    """Bytes per element counted from the kernels' loads and stores (fp32, one unit per tile):
+    """Bytes per element counted from the kernels' loads and stores (fp32, units of a tile):
     the forward reads k, v twice and writes y (20 B) plus unit summaries and carries; the
-    backward reads z, gy, y for its summaries, then k, v, y, z, gy and writes gk, gv."""
+    backward reads z, gy, y for its summaries, then k, v, y, z, gy, and writes gk, gv."""
     for B, T in ((1, 34560), (16, 4096)):
         t = kb.traffic(B, T, 640, torch.float32, backward=True)
         assert 20 < t["fwd_bytes_per_elem"] < 22 and t["fwd_launches"] == 3
-        assert 64 < t["fwdbwd_bytes_per_elem"] < 70 and t["fwdbwd_launches"] == 8
-        assert t["fwdbwd_scratch_per_elem"] < 0.5
+        assert 64 < t["fwdbwd_bytes_per_elem"] < 74 and t["fwdbwd_launches"] == 6
+        assert t["fwd_scratch_per_elem"] < 1.5 and t["fwdbwd_scratch_per_elem"] < 3
     t = kb.traffic(1, 34560, 640, torch.float32, backward=True, share_y=False)
     assert t["fwdbwd_bytes_per_elem"] == pytest.approx(
         kb.traffic(1, 34560, 640, torch.float32, backward=True)["fwdbwd_bytes_per_elem"] + 4)
-    t1 = kb.traffic(1, 4096, 640, torch.float32, S=1)
+    t1 = kb.traffic(1, 4096, 640, torch.float32, S=1, Sb=1, backward=True)
     assert t1["fwd_launches"] == 2 and t1["fwd_bytes_per_elem"] > 30
     assert kb.traffic(1, 4096, 640, torch.bfloat16)["fwd_bytes_per_elem"] < 12
 
