@@ -2,8 +2,8 @@
 in docs/kernels.md; the operator and its gradient in docs/biwkv4.md; the host-side dispatch in
 kernels_triton/ops.py.
 
-Layout: k, v, y, z, gy, gk, gv are contiguous (B, T, C); w, u are (C,). A tile is NSUB
-sub-blocks of DB rows by BLOCK_C channels, held as [NSUB, DB, BLOCK_C] (BT = NSUB * DB rows).
+Layout: k, v, y, z, gy, gk, gv are contiguous (B, T, C); w, u are (C,). A tile is BT rows by
+BLOCK_C channels, [BT, BLOCK_C]; its dots run per block of DB rows ([BT / DB, DB, BLOCK_C]).
 Summary and carry buffers are planes (NV, B, NU, C), one row per unit of S tokens.
 """
 from __future__ import annotations
@@ -227,16 +227,6 @@ def _to_unit(E1a, E2a, pa, a1, a2, a3, a4, E1c, E2c, pc, w, SG: tl.constexpr):
     d = (E1a - E1c) - (E2a - E2c) - n.to(w.dtype) * w
     nf = n.to(w.dtype)
     return d, a3 + nf * a1, a4 + nf * a2
-
-
-@helper
-def _row(x, sel, fill):
-    return tl.max(tl.where(sel, x, fill), axis=0)
-
-
-@helper
-def _rows(x, sel):
-    return tl.sum(tl.where(sel, x, 0), axis=0)
 
 
 # ----------------------------------------------------------------------------- forward

@@ -294,6 +294,17 @@ def test_switches_are_per_thread():
     assert kb._SHAPE_ONLY is False and kb._override() == {}
 
 
+def test_entry_point_errors():
+    with pytest.raises(ValueError, match="must be a torch.Tensor"):
+        biwkv4([0.0], torch.zeros(1), torch.zeros(1, 1, 1), torch.zeros(1, 1, 1))
+    with pytest.raises(ValueError, match="T < 2"):
+        kb._check_T(1 << 24)
+    ins, gy = make_inputs(1, 5, 2, 1.0, dtype=torch.float32, requires_grad=False)
+    y, res = kb.triton_forward(*ins, need_grad=True)
+    with pytest.raises(ValueError, match="triton_residual_specs"):
+        kb.triton_backward(*ins, (res[0], res[1], res[2][:, :0]), gy)
+
+
 def test_tile_config_validates():
     with pytest.raises(ValueError, match="unknown tile_config"):
         tile_config(CHUNK=3)
