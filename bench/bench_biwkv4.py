@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kernels_triton import biwkv4  # noqa: E402
+from kernels_triton.autotune import timed_calls  # noqa: E402
 from kernels_triton.ops import traffic  # noqa: E402
 
 _DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -94,13 +95,7 @@ def gpu_main(args, dtype):
             w, u, k, v, gy = inputs(B, T, C, dtype, dev)
             n = B * T * C
             params = [x.clone().requires_grad_() for x in (w, u, k, v)]
-
-            def fwd(params=params):
-                with torch.no_grad():
-                    biwkv4(*params, backend="triton")
-
-            def fb(params=params, gy=gy):
-                torch.autograd.grad(biwkv4(*params, backend="triton"), params, gy)
+            fwd, fb = timed_calls(params, gy)
             try:
                 fb()
                 t_f = timeit(fwd, dev, args.rep)
@@ -145,12 +140,7 @@ def cpu_main(args, dtype):
             w, u, k, v, gy = inputs(B, T, C, dtype, cpu)
             params = [x.clone().requires_grad_() for x in (w, u, k, v)]
             for backend in ("cpu", "torch"):
-                def fwd(params=params, backend=backend):
-                    with torch.no_grad():
-                        biwkv4(*params, backend=backend)
-
-                def fb(params=params, gy=gy, backend=backend):
-                    torch.autograd.grad(biwkv4(*params, backend=backend), params, gy)
+                fwd, fb = timed_calls(params, gy, backend)
                 print(f"| {backend} | {C} | {B} | {T} | {timeit(fwd, cpu, args.rep):.2f} | "
                       f"{timeit(fb, cpu, args.rep):.2f} |")
 

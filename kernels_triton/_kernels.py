@@ -88,6 +88,39 @@ def _tile(pid_b, t0, T, C, cols, cmask, BT: tl.constexpr):
 
 
 @helper
+def _tile_i(pid_b, i, TPP, T, C, cols, cmask, BT: tl.constexpr):
+    """Tile i of this program's TPP tiles: its index j, first token t0 and _tile's values."""
+    j = tl.program_id(2) * TPP + i
+    t0 = j * BT
+    t, valid, off = _tile(pid_b, t0, T, C, cols, cmask, BT)
+    return j, t0, t, valid, off
+
+
+@helper
+def _load_kv(k_ptr, v_ptr, off, valid, ACC: tl.constexpr):
+    """The tile's keys (NEG where not valid, so they drop out of maxima and exponentials) and
+    values (0 there), in ACC."""
+    k = tl.where(valid, tl.load(k_ptr + off, mask=valid, other=0.0).to(ACC), NEG)
+    return k, tl.load(v_ptr + off, mask=valid, other=0.0).to(ACC)
+
+
+@helper
+def _anchored(x, t, t0, W, BT: tl.constexpr, S: tl.constexpr, ACC: tl.constexpr):
+    """Each row's unit anchor m (the unit's max of x), its offset r in the unit, and the
+    anchored terms e^{x - m + r w} (left sums) and e^{x - m - r w} (right sums)."""
+    m = _unit_max(x, BT, S)
+    ro = ((t - t0) % S).to(ACC)
+    return m, ro, tl.exp(x - m + ro * W), tl.exp(x - m - ro * W)
+
+
+@helper
+def _unit_rows(pid_b, t0, NU, C, cols, cmask, BT: tl.constexpr, S: tl.constexpr):
+    """Validity and offsets [BT / S, BLOCK_C] of the summary rows of the tile's units."""
+    unit = t0 // S + tl.arange(0, BT // S)[:, None]
+    return (unit < NU) & cmask[None, :], (pid_b * NU + unit) * C + cols[None, :]
+
+
+@helper
 def _unit_max(x, BT: tl.constexpr, S: tl.constexpr):
     """The max of x over each row's unit of S rows: [1, BLOCK_C] if the tile is one unit,
     else [BT, BLOCK_C]."""
@@ -237,23 +270,14 @@ def biwkv4_fwd_sum_kernel(k_ptr, v_ptr, w_ptr, s_ptr, B, T, C, NT, NU, TPP, TB,
                           ACC: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
     """Unit summaries of TPP tiles: planes (K_u, nL, dL, nR, dR) of (5, B, NU, C), the left and
     right sums of e^{k}(v, 1) anchored at the unit's max key K_u and first row."""
-    UPT: tl.constexpr = BT // S
     pid_b, cols, cmask, w = _setup(w_ptr, C, BLOCK_C, ACC)
     W = w[None, :]
     st = B * NU * C
     for i in tl.range(0, TPP, num_stages=STAGES):
-        j = tl.program_id(2) * TPP + i
-        t0 = j * BT
-        t, valid, off = _tile(pid_b, t0, T, C, cols, cmask, BT)
-        k = tl.where(valid, tl.load(k_ptr + off, mask=valid, other=0.0).to(ACC), NEG)
-        v = tl.load(v_ptr + off, mask=valid, other=0.0).to(ACC)
-        ku = _unit_max(k, BT, S)
-        ro = ((t - t0) % S).to(ACC)
-        xl = tl.exp(k - ku + ro * W)
-        xr = tl.exp(k - ku - ro * W)
-        unit = t0 // S + tl.arange(0, UPT)[:, None]
-        ok = (unit < NU) & cmask[None, :]
-        so = (pid_b * NU + unit) * C + cols[None, :]
+        j, t0, t, valid, off = _tile_i(pid_b, i, TPP, T, C, cols, cmask, BT)
+        k, v = _load_kv(k_ptr, v_ptr, off, valid, ACC)
+        ku, ro, xl, xr = _anchored(k, t, t0, W, BT, S, ACC)
+        ok, so = _unit_rows(pid_b, t0, NU, C, cols, cmask, BT, S)
         tl.store(s_ptr + so, _unit_sum(tl.where(ro == 0, ku, 0.0), BT, S), mask=ok)
         tl.store(s_ptr + st + so, _unit_sum(xl * v, BT, S), mask=ok)
         tl.store(s_ptr + 2 * st + so, _unit_sum(xl, BT, S), mask=ok)
@@ -335,6 +359,27 @@ def _scr_load(ptr, o, m, sst, Q0: tl.constexpr, BWD: tl.constexpr, ACC: tl.const
     return e1, e2, p, a1, a2, a3, a4
 
 
+@helper
+def _store_carry(out_ptr, o, ok, st, d, g1, g2, m1, m2, RIGHT: tl.constexpr,
+                 BWD: tl.constexpr):
+    """Store one direction's carry of the units at offsets o: backward (d, g1, g2, m1, m2) in
+    planes 0-4 (left) or 5-9 (right); forward (d + ln mass, mean) in planes 0-1 or 2-3."""
+    if BWD:
+        q: tl.constexpr = 5 if RIGHT else 0
+        tl.store(out_ptr + q * st + o, d, mask=ok)
+        tl.store(out_ptr + (q + 1) * st + o, g1, mask=ok)
+        tl.store(out_ptr + (q + 2) * st + o, g2, mask=ok)
+        tl.store(out_ptr + (q + 3) * st + o, m1, mask=ok)
+        tl.store(out_ptr + (q + 4) * st + o, m2, mask=ok)
+    else:
+        q: tl.constexpr = 2 if RIGHT else 0
+        has = g2 > 0
+        tl.store(out_ptr + q * st + o, tl.where(has, d + tl.log(tl.where(has, g2, 1.0)), NEG),
+                 mask=ok)
+        tl.store(out_ptr + (q + 1) * st + o, tl.where(has, g1 / tl.where(has, g2, 1.0), 0.0),
+                 mask=ok)
+
+
 @triton.autotune(configs=CARRY_CONFIGS, key=KEY_CARRY)
 @triton.jit(do_not_specialize=["T", "NT", "NU", "TB"])
 def biwkv4_carry_kernel(s_ptr, a_ptr, b_ptr, c_ptr, kt_ptr, w_ptr, out_ptr, scr_ptr,
@@ -401,48 +446,42 @@ def biwkv4_carry_kernel(s_ptr, a_ptr, b_ptr, c_ptr, kt_ptr, w_ptr, out_ptr, scr_
     R1, R2, Rp, Ra, Rb, Rc, Rd = _scr_load(scr_ptr, so, sm, B * NSEG_MAX * C, 7, BWD, ACC)
     # phase 3: each unit's carries; left walks its segment forwards, right backwards
     for i in tl.range(0, SL):
-        unit = seg * SL + i
-        ok = (unit < NU) & cmask[None, :]
-        e1, e2, p, l1, l2, l3, l4, r1, r2, r3, r4 = _unit_state(
-            s_ptr, a_ptr, b_ptr, c_ptr, kt_ptr, pid_b, unit, NU, NT, T, C, cols, ok, st,
-            S, BT, BWD, ACC)
-        uo = (pid_b * NU + unit) * C + cols[None, :]
-        d, m3, m4 = _to_unit(L1, L2, Lp, La, Lb, Lc, Ld, e1, e2, p, w, 1)
-        if BWD:
-            tl.store(out_ptr + uo, d, mask=ok)
-            tl.store(out_ptr + st + uo, La, mask=ok)
-            tl.store(out_ptr + 2 * st + uo, Lb, mask=ok)
-            tl.store(out_ptr + 3 * st + uo, m3, mask=ok)
-            tl.store(out_ptr + 4 * st + uo, m4, mask=ok)
-        else:
-            has = Lb > 0
-            tl.store(out_ptr + uo, tl.where(has, d + tl.log(tl.where(has, Lb, 1.0)), NEG),
-                     mask=ok)
-            tl.store(out_ptr + st + uo, tl.where(has, La / tl.where(has, Lb, 1.0), 0.0),
-                     mask=ok)
-        L1, L2, Lp, La, Lb, Lc, Ld = _comb(L1, L2, Lp, La, Lb, Lc, Ld,
-                                           e1, e2, p, l1, l2, l3, l4, w, 1)
-        unit = seg * SL + (SL - 1 - i)
-        ok = (unit < NU) & cmask[None, :]
-        e1, e2, p, l1, l2, l3, l4, r1, r2, r3, r4 = _unit_state(
-            s_ptr, a_ptr, b_ptr, c_ptr, kt_ptr, pid_b, unit, NU, NT, T, C, cols, ok, st,
-            S, BT, BWD, ACC)
-        uo = (pid_b * NU + unit) * C + cols[None, :]
-        d, m3, m4 = _to_unit(R1, R2, Rp, Ra, Rb, Rc, Rd, e1, e2, p, w, -1)
-        if BWD:
-            tl.store(out_ptr + 5 * st + uo, d, mask=ok)
-            tl.store(out_ptr + 6 * st + uo, Ra, mask=ok)
-            tl.store(out_ptr + 7 * st + uo, Rb, mask=ok)
-            tl.store(out_ptr + 8 * st + uo, m3, mask=ok)
-            tl.store(out_ptr + 9 * st + uo, m4, mask=ok)
-        else:
-            has = Rb > 0
-            tl.store(out_ptr + 2 * st + uo, tl.where(has, d + tl.log(tl.where(has, Rb, 1.0)), NEG),
-                     mask=ok)
-            tl.store(out_ptr + 3 * st + uo, tl.where(has, Ra / tl.where(has, Rb, 1.0), 0.0),
-                     mask=ok)
-        R1, R2, Rp, Ra, Rb, Rc, Rd = _comb(R1, R2, Rp, Ra, Rb, Rc, Rd,
-                                           e1, e2, p, r1, r2, r3, r4, w, -1)
+        for RIGHT in tl.static_range(2):
+            if RIGHT:
+                unit = seg * SL + (SL - 1 - i)
+            else:
+                unit = seg * SL + i
+            ok = (unit < NU) & cmask[None, :]
+            e1, e2, p, l1, l2, l3, l4, r1, r2, r3, r4 = _unit_state(
+                s_ptr, a_ptr, b_ptr, c_ptr, kt_ptr, pid_b, unit, NU, NT, T, C, cols, ok, st,
+                S, BT, BWD, ACC)
+            uo = (pid_b * NU + unit) * C + cols[None, :]
+            if RIGHT:
+                d, m3, m4 = _to_unit(R1, R2, Rp, Ra, Rb, Rc, Rd, e1, e2, p, w, -1)
+                _store_carry(out_ptr, uo, ok, st, d, Ra, Rb, m3, m4, True, BWD)
+                R1, R2, Rp, Ra, Rb, Rc, Rd = _comb(R1, R2, Rp, Ra, Rb, Rc, Rd,
+                                                   e1, e2, p, r1, r2, r3, r4, w, -1)
+            else:
+                d, m3, m4 = _to_unit(L1, L2, Lp, La, Lb, Lc, Ld, e1, e2, p, w, 1)
+                _store_carry(out_ptr, uo, ok, st, d, La, Lb, m3, m4, False, BWD)
+                L1, L2, Lp, La, Lb, Lc, Ld = _comb(L1, L2, Lp, La, Lb, Lc, Ld,
+                                                   e1, e2, p, l1, l2, l3, l4, w, 1)
+
+
+@helper
+def _sums(a1, a2, DB: tl.constexpr, S: tl.constexpr, LEFT: tl.constexpr, ACC: tl.constexpr,
+          PREC: tl.constexpr):
+    """In-unit exclusive left (LEFT) or right sums of a1 and a2 [BT, BLOCK_C]: dots of the
+    triangular matrix per block, plus the earlier / later blocks of the unit."""
+    tri = _tri(a1.shape[0] // DB, DB, LEFT, False, ACC)
+    s1 = _tdot(tri, a1, DB, PREC)
+    s2 = _tdot(tri, a2, DB, PREC)
+    if S > DB:
+        p1, _ = _cross(a1, a1, DB, S // DB, LEFT)
+        p2, _ = _cross(a2, a2, DB, S // DB, LEFT)
+        s1 = s1 + p1
+        s2 = s2 + p2
+    return s1, s2
 
 
 @helper
@@ -452,7 +491,7 @@ def _carry(c_ptr, pid_b, t, j, NU, C, cols, cmask, valid, st, q,
     else [BT, BLOCK_C]."""
     if S == BT:
         o = (pid_b * NU + j) * C + cols[None, :]
-        m = cmask[None, :]
+        m = cmask[None, :] & (j < NU)       # a program's last tiles may lie past T
     else:
         o = (pid_b * NU + t // S) * C + cols[None, :]
         m = valid
@@ -475,11 +514,8 @@ def biwkv4_fwd_kernel(k_ptr, v_ptr, w_ptr, u_ptr, c_ptr, y_ptr, z_ptr, ya_ptr, k
     W = w[None, :]
     st = B * NU * C
     for i in tl.range(0, TPP, num_stages=STAGES):
-        j = tl.program_id(2) * TPP + i
-        t0 = j * BT
-        t, valid, off = _tile(pid_b, t0, T, C, cols, cmask, BT)
-        k = tl.where(valid, tl.load(k_ptr + off, mask=valid, other=0.0).to(ACC), NEG)
-        v = tl.load(v_ptr + off, mask=valid, other=0.0).to(ACC)
+        j, t0, t, valid, off = _tile_i(pid_b, i, TPP, T, C, cols, cmask, BT)
+        k, v = _load_kv(k_ptr, v_ptr, off, valid, ACC)
         cdl = _carry(c_ptr, pid_b, t, j, NU, C, cols, cmask, valid, st, 0, S, BT, NEG)
         cyl = _carry(c_ptr, pid_b, t, j, NU, C, cols, cmask, valid, st, 1, S, BT, 0.0)
         cdr = _carry(c_ptr, pid_b, t, j, NU, C, cols, cmask, valid, st, 2, S, BT, NEG)
@@ -490,25 +526,9 @@ def biwkv4_fwd_kernel(k_ptr, v_ptr, w_ptr, u_ptr, c_ptr, y_ptr, z_ptr, ya_ptr, k
             el, nl, dl = cdl, cyl, one
             er, nr, dr = cdr, cyr, one
         else:
-            NSUB: tl.constexpr = BT // DB
-            ku = _unit_max(k, BT, S)
-            ro = ((t - t0) % S).to(ACC)
-            xl = tl.exp(k - ku + ro * W)
-            xr = tl.exp(k - ku - ro * W)
-            xlv = xl * v
-            xrv = xr * v
-            lo = _tri(NSUB, DB, True, False, ACC)
-            up = _tri(NSUB, DB, False, False, ACC)
-            nl = _tdot(lo, xlv, DB, PREC)
-            dl = _tdot(lo, xl, DB, PREC)
-            nr = _tdot(up, xrv, DB, PREC)
-            dr = _tdot(up, xr, DB, PREC)
-            if S > DB:      # earlier / later dot blocks of the unit
-                pn, _ = _cross(xlv, xlv, DB, S // DB, True)
-                pd, _ = _cross(xl, xl, DB, S // DB, True)
-                qn, _ = _cross(xrv, xrv, DB, S // DB, False)
-                qd, _ = _cross(xr, xr, DB, S // DB, False)
-                nl, dl, nr, dr = nl + pn, dl + pd, nr + qn, dr + qd
+            ku, ro, xl, xr = _anchored(k, t, t0, W, BT, S, ACC)
+            nl, dl = _sums(xl * v, xl, DB, S, True, ACC, PREC)
+            nr, dr = _sums(xr * v, xr, DB, S, False, ACC, PREC)
             # left total e^{K_u - (r - 1) w + aL} (nl, dl) with the carry, likewise right
             al = tl.maximum(cdl - W, 0.0)
             fl = tl.exp(cdl - W - al)
@@ -553,24 +573,18 @@ def biwkv4_bwd_sum_kernel(z_ptr, gy_ptr, y_ptr, w_ptr, s_ptr, B, T, C, NT, NU, T
     """Unit summaries of the backward scans of q = gy e^{-logD} and q y, anchored at the
     unit's max Q_u of -z: planes (Q_u, left g1, g2, m1, m2, right g1, g2, m1, m2) of
     (9, B, NU, C), m the distance moments about the unit's first row."""
-    UPT: tl.constexpr = BT // S
     pid_b, cols, cmask, w = _setup(w_ptr, C, BLOCK_C, ACC)
     W = w[None, :]
     st = B * NU * C
     for i in tl.range(0, TPP, num_stages=STAGES):
-        j = tl.program_id(2) * TPP + i
-        t0 = j * BT
-        t, valid, off = _tile(pid_b, t0, T, C, cols, cmask, BT)
+        j, t0, t, valid, off = _tile_i(pid_b, i, TPP, T, C, cols, cmask, BT)
         a = tl.where(valid, -tl.load(z_ptr + off, mask=valid, other=0.0).to(ACC), NEG)
         gy = tl.load(gy_ptr + off, mask=valid, other=0.0).to(ACC)
         y = tl.load(y_ptr + off, mask=valid, other=0.0).to(ACC)
-        qu = _unit_max(a, BT, S)
-        ro = ((t - t0) % S).to(ACC)
-        al = tl.exp(a - qu + ro * W) * gy
-        ar = tl.exp(a - qu - ro * W) * gy
-        unit = t0 // S + tl.arange(0, UPT)[:, None]
-        ok = (unit < NU) & cmask[None, :]
-        so = (pid_b * NU + unit) * C + cols[None, :]
+        qu, ro, al, ar = _anchored(a, t, t0, W, BT, S, ACC)
+        al = al * gy
+        ar = ar * gy
+        ok, so = _unit_rows(pid_b, t0, NU, C, cols, cmask, BT, S)
         tl.store(s_ptr + so, _unit_sum(tl.where(ro == 0, qu, 0.0), BT, S), mask=ok)
         vals = (al, al * y, -ro * al, -ro * (al * y), ar, ar * y, ro * ar, ro * (ar * y))
         for q in tl.static_range(8):
@@ -582,11 +596,8 @@ def _bwd_dir(a1, a2, rb, DB: tl.constexpr, S: tl.constexpr, LEFT: tl.constexpr,
              ACC: tl.constexpr, PREC: tl.constexpr):
     """In-unit exclusive sums (left or right) of a1, a2 and their distance-weighted sums;
     rb: each row's index in its dot block."""
-    nsub: tl.constexpr = a1.shape[0] // DB
-    tri = _tri(nsub, DB, LEFT, False, ACC)
-    dst = _tri(nsub, DB, LEFT, True, ACC)
-    s1 = _tdot(tri, a1, DB, PREC)
-    s2 = _tdot(tri, a2, DB, PREC)
+    s1, s2 = _sums(a1, a2, DB, S, LEFT, ACC, PREC)
+    dst = _tri(a1.shape[0] // DB, DB, LEFT, True, ACC)
     m1 = _tdot(dst, a1, DB, PREC)
     m2 = _tdot(dst, a2, DB, PREC)
     if S > DB:
@@ -598,8 +609,6 @@ def _bwd_dir(a1, a2, rb, DB: tl.constexpr, S: tl.constexpr, LEFT: tl.constexpr,
             near = (DB - 1.0) - rb
         p0, p1 = _cross(a1, far * a1, DB, S // DB, LEFT)
         q0, q1 = _cross(a2, far * a2, DB, S // DB, LEFT)
-        s1 = s1 + p0
-        s2 = s2 + q0
         m1 = m1 + near * p0 + p1
         m2 = m2 + near * q0 + q1
     return s1, s2, m1, m2
@@ -647,16 +656,14 @@ def biwkv4_bwd_kernel(k_ptr, v_ptr, y_ptr, z_ptr, gy_ptr, kt_ptr, w_ptr, u_ptr, 
     gw_acc = tl.zeros([BLOCK_C], ACC)
     gu_acc = tl.zeros([BLOCK_C], ACC)
     for i in tl.range(0, TPP, num_stages=STAGES):
-        j = tl.program_id(2) * TPP + i
-        t0 = j * BT
-        t, valid, off = _tile(pid_b, t0, T, C, cols, cmask, BT)
-        k = tl.where(valid, tl.load(k_ptr + off, mask=valid, other=0.0).to(ACC), NEG)
-        v = tl.load(v_ptr + off, mask=valid, other=0.0).to(ACC)
+        j, t0, t, valid, off = _tile_i(pid_b, i, TPP, T, C, cols, cmask, BT)
+        k, v = _load_kv(k_ptr, v_ptr, off, valid, ACC)
         y = tl.load(y_ptr + off, mask=valid, other=0.0).to(ACC)
         zz = tl.load(z_ptr + off, mask=valid, other=0.0).to(ACC)
         gy = tl.load(gy_ptr + off, mask=valid, other=0.0).to(ACC)
         a = tl.where(valid, -zz, NEG)
-        kt = tl.load(kt_ptr + (pid_b * NTK + t0 // KG) * C + cols, mask=cmask, other=0.0)[None, :]
+        kt = tl.load(kt_ptr + (pid_b * NTK + t0 // KG) * C + cols, mask=cmask & (t0 < T),
+                     other=0.0)[None, :]
         base = k - kt
         ld, l1, l2, l3, l4 = _carries5(c_ptr, pid_b, t, j, NU, C, cols, cmask, valid, st, 0, S, BT)
         if S == 1:      # units of one row: the carries are the whole off-diagonal sums
@@ -669,10 +676,9 @@ def biwkv4_bwd_kernel(k_ptr, v_ptr, y_ptr, z_ptr, gy_ptr, kt_ptr, w_ptr, u_ptr, 
             gwe = fl * (v * l3 - l4) + fr * (v * r3 - r4)
         else:
             # left, then right: each direction's sums go into gk, gv, gw before the next
-            qu = _unit_max(a, BT, S)
-            ro = ((t - t0) % S).to(ACC)
+            qu, ro, x, xr = _anchored(a, t, t0, W, BT, S, ACC)
             rb = ((t - t0) % DB).to(ACC)
-            x = tl.exp(a - qu + ro * W) * gy
+            x = x * gy
             s1, s2, m1, m2 = _bwd_dir(x, x * y, rb, DB, S, True, ACC, PREC)
             G1, G2, M1, M2, al = _bwd_total(s1, s2, m1, m2, ld, l1, l2, l3, l4, ro, W, True)
             # e^{k} times the left sums of q: row factor, capped (docs/kernels.md)
@@ -680,7 +686,7 @@ def biwkv4_bwd_kernel(k_ptr, v_ptr, y_ptr, z_ptr, gy_ptr, kt_ptr, w_ptr, u_ptr, 
             gv = f * G1
             gk = f * (v * G1 - G2)
             gwe = f * (v * M1 - M2)
-            x = tl.exp(a - qu - ro * W) * gy
+            x = xr * gy
             rd, r1, r2, r3, r4 = _carries5(c_ptr, pid_b, t, j, NU, C, cols, cmask, valid, st, 5,
                                            S, BT)
             s1, s2, m1, m2 = _bwd_dir(x, x * y, rb, DB, S, False, ACC, PREC)

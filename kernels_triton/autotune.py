@@ -20,13 +20,9 @@ import sys
 
 import torch
 
-if not torch.cuda.is_available():
-    # must precede the (lazy) import of the kernel module
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from reference import biwkv4_naive
 
-from reference import biwkv4_naive  # noqa: E402
-
-from .ops import biwkv4, tile_config, traffic  # noqa: E402
+from .ops import biwkv4, tile_config, traffic
 
 _DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
@@ -74,6 +70,17 @@ def _cpu_check() -> int:
     return 1 if bad else 0
 
 
+def timed_calls(params, gy, backend="triton"):
+    """The forward (no grad) and forward+backward calls the benchmarks time."""
+    def fwd():
+        with torch.no_grad():
+            biwkv4(*params, backend=backend)
+
+    def fb():
+        torch.autograd.grad(biwkv4(*params, backend=backend), params, gy)
+    return fwd, fb
+
+
 def _best_config(kernel):
     cfg = getattr(kernel, "best_config", None)
     if cfg is None:
@@ -92,6 +99,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     if not torch.cuda.is_available():
+        # before the first kernel call, which imports the kernel module
+        os.environ.setdefault("TRITON_INTERPRET", "1")
         return _cpu_check()
 
     import triton
@@ -113,13 +122,7 @@ def main(argv=None) -> int:
                     ins = _inputs(B, T, C, dtype, dev)
                     gy = torch.randn(B, T, C, device=dev, dtype=dtype)
                     params = [x.clone().requires_grad_() for x in ins]
-
-                    def fwd(params=params):
-                        with torch.no_grad():
-                            biwkv4(*params, backend="triton")
-
-                    def fb(params=params, gy=gy):
-                        torch.autograd.grad(biwkv4(*params, backend="triton"), params, gy)
+                    fwd, fb = timed_calls(params, gy)
                     try:
                         fb()  # triggers triton.autotune for every kernel
                         t_f = triton.testing.do_bench(fwd, warmup=5, rep=args.rep)

@@ -342,26 +342,28 @@ def traffic(B: int, T: int, C: int, dtype: torch.dtype, S: int | None = None,
         nu = _cdiv(T, s)
         return _cdiv(nu, _cdiv(nu, nseg))
 
+    pu, pub = _cdiv(T, S) / T, _cdiv(T, Sb) / T        # unit rows per token
+    pt, ptb = _cdiv(T, BT) / T, _cdiv(T, BTB) / T      # tiles per token
     # forward. Summaries (K_u, nL, dL, nR, dR) per unit; the carry kernel reads them in phase 1
     # and each direction's three again in phase 3 and writes (dL, yL, dR, yR); one-token units
     # read k, v instead
     if S > 1:
-        fwd = (2 * e + 5 * a / S) + (5 + 6 + 4) * a / S + (2 * e + e + 4 * a / S)
+        fwd = (2 * e + 5 * a * pu) + (5 + 6 + 4) * a * pu + (2 * e + e + 4 * a * pu)
     else:
         fwd = (2 * e + 2 * 2 * e + 4 * a) + (2 * e + e + 4 * a)
     out = {"fwd_bytes_per_elem": fwd, "fwd_scratch_per_elem": 4 * 8 * segs(S) * a / T,
            "fwd_launches": 3 if S > 1 else 2}
     if backward:
-        fwd_g = fwd + a + (0 if (share_y and e == a) else a) + a / BT   # z, y copy, K_t
+        fwd_g = fwd + a + (0 if (share_y and e == a) else a) + a * pt   # z, y copy, K_t
         # summaries (Q_u, 4 left, 4 right) of z, gy, y; the carry kernel reads them with K_t
         # (phase 1) and each direction's six again (phase 3) and writes 10 planes; the output
         # kernel reads k, v, gy, y, z, K_t and the carries, writes gk, gv
         rd = 2 * a + e
         if Sb > 1:
-            bwd = (rd + 9 * a / Sb) + (10 + 12 + 10) * a / Sb \
-                + (3 * e + 2 * a + a / BTB + 10 * a / Sb + 2 * e)
+            bwd = (rd + 9 * a * pub) + (10 + 12 + 10) * a * pub \
+                + (3 * e + 2 * a + a * ptb + 10 * a * pub + 2 * e)
         else:
-            bwd = (rd + a) * 3 + 10 * a + (3 * e + 2 * a + a / BTB + 10 * a + 2 * e)
+            bwd = (rd + a) * 3 + 10 * a + (3 * e + 2 * a + a * ptb + 10 * a + 2 * e)
         out.update(fwdbwd_bytes_per_elem=fwd_g + bwd,
                    fwdbwd_scratch_per_elem=out["fwd_scratch_per_elem"] + 4 * 14 * segs(Sb) * a / T,
                    fwdbwd_launches=out["fwd_launches"] + (3 if Sb > 1 else 2))
