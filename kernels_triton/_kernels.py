@@ -490,8 +490,9 @@ def _carry(c_ptr, pid_b, t, j, NU, C, cols, cmask, valid, st, q,
     """Carry plane q of each row's unit: [1, BLOCK_C] when the tile is one unit (tile j),
     else [BT, BLOCK_C]."""
     if S == BT:
-        o = (pid_b * NU + j) * C + cols[None, :]
-        m = cmask[None, :] & (j < NU)       # a program's last tiles may lie past T
+        # a program's last tiles may lie past T: they read the last unit's carry (unused)
+        o = (pid_b * NU + tl.minimum(j, NU - 1)) * C + cols[None, :]
+        m = cmask[None, :]
     else:
         o = (pid_b * NU + t // S) * C + cols[None, :]
         m = valid
@@ -662,8 +663,8 @@ def biwkv4_bwd_kernel(k_ptr, v_ptr, y_ptr, z_ptr, gy_ptr, kt_ptr, w_ptr, u_ptr, 
         zz = tl.load(z_ptr + off, mask=valid, other=0.0).to(ACC)
         gy = tl.load(gy_ptr + off, mask=valid, other=0.0).to(ACC)
         a = tl.where(valid, -zz, NEG)
-        kt = tl.load(kt_ptr + (pid_b * NTK + t0 // KG) * C + cols, mask=cmask & (t0 < T),
-                     other=0.0)[None, :]
+        kt = tl.load(kt_ptr + (pid_b * NTK + tl.minimum(t0 // KG, NTK - 1)) * C + cols,
+                     mask=cmask, other=0.0)[None, :]
         base = k - kt
         ld, l1, l2, l3, l4 = _carries5(c_ptr, pid_b, t, j, NU, C, cols, cmask, valid, st, 0, S, BT)
         if S == 1:      # units of one row: the carries are the whole off-diagonal sums
