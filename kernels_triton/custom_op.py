@@ -3,8 +3,7 @@
 The operator is Eq. 5 of Vision-RWKV as docs/biwkv4.md §1 states it: per batch row b and
 channel c, ``y_t = sum_i softmax_i(l(t, .)) v_i`` with ``l(t, i) = k_i - (|t - i| - 1) w``
 (i != t) and ``l(t, t) = u + k_t``. :func:`kernels_triton.biwkv4` validates its inputs and
-calls it (an explicit Triton ``strategy`` or ``chunk`` runs ``BiWKV4Function`` instead);
-models call that function. Registering it makes it one opaque node for
+calls it; models call that function. Registering it makes it one opaque node for
 ``torch.compile`` (no graph break, no tracing into ctypes or Triton launches), for
 ``torch.library.opcheck`` and for ``torch.utils.flop_counter``.
 
@@ -41,7 +40,7 @@ whether the C kernels built):
 Why ``torch.library.custom_op`` with a CUDA kernel, not ``triton_op`` / ``wrap_triton``: a
 ``triton_op`` body is traced with fake tensors, so every launch must go through
 ``wrap_triton`` and no host code may read tensor values. The Triton path's host side does
-both: it picks tiles or sub-passes from max|w| (w's values), picks the strategy and launch
+both: it picks the unit length from max|w| (w's values), picks the launch
 configs from the autotune file and the selection settings of ``kernels_triton.ops``
 (``shape_only_selection``, ``fixed_configs``), and ``triton_forward``/``triton_backward``
 launch their kernels themselves. An opaque custom op keeps all of that host logic as it is;
