@@ -31,8 +31,10 @@ asynchronous copies. Reported without failing: spills of float64 variants (the f
 is the exact one, not the fast one; its backward spills where the dots run on DMMA, sm_80 and
 sm_90) and fixed configs above 128 registers per thread.
 
-TRITON_INTERPRET must not be set for compilation; this module removes it from its own
-environment before importing the kernels (run it as its own process).
+TRITON_INTERPRET must not be set for compilation: ``main`` removes it from its own process's
+environment before it imports the kernels, and refuses to run in a process that has already
+imported them under the interpreter (run it as ``python -m kernels_triton.aot``). Importing
+this module changes nothing (the tests import ``fp64_count`` next to interpreted kernels).
 """
 from __future__ import annotations
 
@@ -44,11 +46,9 @@ import sys
 import tempfile
 import time
 
-os.environ.pop("TRITON_INTERPRET", None)
-
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
 
 _DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 SHAPES = {"4k": (1, 34560, 640), "b16": (16, 4096, 640)}
@@ -168,7 +168,12 @@ def fp64_count(sass: str) -> int:
 
 
 def main(argv=None) -> int:
+    if "kernels_triton._kernels" not in sys.modules:
+        os.environ.pop("TRITON_INTERPRET", None)   # read once, when the kernels are defined
     from . import _kernels as K
+    if K.INTERPRET:
+        raise SystemExit("kernels_triton.aot: the kernels were imported under TRITON_INTERPRET=1 "
+                         "in this process; run `python -m kernels_triton.aot` on its own")
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--archs", default="80,86,89,90", help="comma-separated SM versions")

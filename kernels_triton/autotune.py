@@ -91,9 +91,10 @@ def _best_config(kernel):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--C", default="640,960")
-    ap.add_argument("--T", default="16,64,256,1024,2160,8640,34560")
-    ap.add_argument("--B", default="1,8")
+    ap.add_argument("--C", default="640,960", help="comma-separated channel counts")
+    ap.add_argument("--T", default="16,64,256,1024,2160,8640,34560",
+                    help="comma-separated sequence lengths (tokens, H*W of a feature map)")
+    ap.add_argument("--B", default="1,8", help="comma-separated batch sizes")
     ap.add_argument("--dtype", default="fp32", help="comma-separated: fp32,bf16,fp16,fp64")
     ap.add_argument("--rep", type=int, default=20, help="do_bench rep (ms)")
     args = ap.parse_args(argv)
