@@ -20,6 +20,7 @@ with warnings.catch_warnings():  # compressai 1.2.8 scripts a few functions at i
     from compressai.models import CompressionModel
 
 from ..entropy import BitstreamError, CdfTables, DecodeSession, GeneralizedGaussian, default_scale_table, encode
+from ..entropy.ggm import is_default_scale_table, stored_y_tables
 from ..layers import conv1x1
 from . import masks, weights
 from .coding import coding_path
@@ -159,7 +160,11 @@ class HPCM(CompressionModel):
         """Build the rANS CDF tables (state_dict buffers). ``None`` = the official 60-scale table
         (not CompressAI's 64-scale default: the official bitstreams depend on it).
 
-        Returns True if tables were (re)built; with ``force=False`` existing tables are kept.
+        Returns True if tables were (re)built; with ``force=False`` existing tables are kept
+        (tables loaded from a checkpoint are authoritative: rebuilding them is this explicit
+        call). y's tables for the official scale table are the stored ones
+        (:func:`~hpcm_triton.entropy.ggm.stored_y_tables`), the same on every machine; z's are
+        computed from ``scales_hyper`` with the official arithmetic.
         ``update_quantiles`` is CompressAI's argument for EntropyBottlenecks; HPCM has none.
         """
         if self.quantized_cdf_y.numel() and not force and scale_table is None:
@@ -170,7 +175,10 @@ class HPCM(CompressionModel):
         self.scale_table = scale_table.detach().float().to(dev)
         cdf, length, offset = self.entropy_estimation.quantized_cdfs(self.scales_hyper.detach().view(-1))
         self.quantized_cdf_z, self.cdf_length_z, self.offset_z = cdf.to(dev), length.to(dev), offset.to(dev)
-        cdf, length, offset = self.entropy_estimation.quantized_cdfs(self.scale_table)
+        if is_default_scale_table(self.scale_table):
+            cdf, length, offset = stored_y_tables()
+        else:
+            cdf, length, offset = self.entropy_estimation.quantized_cdfs(self.scale_table)
         self.quantized_cdf_y, self.cdf_length_y, self.offset_y = cdf.to(dev), length.to(dev), offset.to(dev)
         self._tables = None
         return True
