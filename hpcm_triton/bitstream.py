@@ -1,9 +1,9 @@
-"""The ``.hpcm`` file container for compressed images.
+"""The ``.hpcm`` file container for compressed images (docs/bitstream.md has every version).
 
-Layout (little-endian), version 2::
+Layout (little-endian), version 3::
 
     magic            4s   b"HPCM"
-    version          u8   2
+    version          u8   3
     name_len         u8   then the model name (ascii), e.g. b"phase3"
     overrides_len    u16  then JSON of the config fields that differ from the named preset
                           (empty for the official widths; lets a reader rebuild the model)
@@ -12,26 +12,31 @@ Layout (little-endian), version 2::
     H, W             u32  original image size (the decoder crops to it)
     zh, zw           u32  z's spatial shape
     n_images         u16
-    threads          u16  the CPU thread count the encoder's coding path ran with
+    threads          u16  the CPU thread count the encoder ran with (information)
     env_len          u8   then the encoder's environment (ascii ``key=value;…``: device, cpu
-                          instruction set or gpu name, torch and compressai versions)
+                          instruction set or gpu name, Bi-WKV4 backend, torch and compressai
+                          versions; information)
     per image        y_len u32, y_crc32 u32, z_len u32, z_crc32 u32,
-                     y_steps u8, z_steps u8, then one u16 per step: the low 16 bits of the
-                     CRC32 of that step's CDF indexes
+                     y_steps u8 (11), z_steps u8 (0), then one u64 per y step: the check of
+                     that step's CDF indexes (:func:`hpcm_triton.entropy.checks.index_check`)
     header_crc32     u32  of every byte above
     payload               per image: y bytes, then z bytes; nothing after
 
-Version 1 (read, no longer written) lacks threads, env and the per-step checksums.
+Version 2 (read, decoded as it was written) has one u16 per y and z step instead, the low 16
+bits of a CRC32 of the step's indexes, and its decoder runs with the encoder's thread count.
+Version 1 (read) lacks threads, env and the per-step checks.
 
 What a decoder must share with the encoder, and how each is checked:
 
-* the model name, configuration and weights: the fingerprints (checked before decoding);
-* the thread count of the CPU coding path: recorded, and the decoder runs with it;
-* GPU kernel choices: by shape alone on both sides (``kernels_triton.shape_only_selection``);
-* the device kind and model (CPU instruction set / GPU) and the torch, oneDNN and compressai
-  builds: recorded; a decoder whose floats differ stops at the first coding step whose CDF
-  indexes miss the recorded checksum, with a :class:`ParameterMismatchError` naming the
-  differences, instead of decoding garbage.
+* the model name, configuration and weights, CDF tables included: the fingerprints (checked
+  before decoding; the tables are the same on every machine, docs/bitstream.md §3);
+* the symbols: every y step's CDF indexes are checked before the step is decoded; where this
+  machine's floats put a few scales on the other side of a table boundary, the flipped
+  indexes are found by a bounded search (docs/bitstream.md §4), and a step the search cannot
+  repair ends in a :class:`ParameterMismatchError` naming what differs between the two
+  environments;
+* nothing else: any thread count, CPU instruction set, Bi-WKV4 backend or device decodes the
+  same symbols, and pixels within one level of the encoder's own reconstruction.
 
 Every header field is validated against what this library writes before anything is
 allocated: a known variant whose configuration lies within :data:`CONFIG_BOUNDS`, an image
@@ -52,6 +57,7 @@ import zlib
 from pathlib import Path
 
 from .defaults import DEFAULT_MAX_PIXELS
+from .entropy import checks
 from .entropy.coder import BitstreamError, CodedStream, ParameterMismatchError
 from .models.config import PRESETS, TABLE_BUFFERS, HPCMConfig
 
@@ -59,10 +65,13 @@ from .models.config import PRESETS, TABLE_BUFFERS, HPCMConfig
 # not cost the ~0.9 GB that importing torch (a CUDA build) does.
 
 MAGIC = b"HPCM"
-VERSION = 2
+VERSION = 3
+VERSIONS = (1, 2, 3)                   # what this reader reads
 _FIXED = struct.Struct("<8s8sIIIIH")   # config_fp, weights_fp, H, W, zh, zw, n_images
 _PER_IMAGE = struct.Struct("<IIII")    # y_len, y_crc, z_len, z_crc
 _STEPS = {"y": 11, "z": 1}             # chunks per stream: HPCM's 11 coding steps; z in one
+# Checked steps per stream in version 3: z's indexes are its channel numbers, not computed.
+_CHECKED = {"y": 11, "z": 0}
 
 MAX_SIDE = 1 << 16
 MAX_IMAGES = 64
@@ -184,12 +193,12 @@ def _env_from(raw: bytes) -> dict:
     return env
 
 
-def _crc16s(stream, kind: str) -> list[int]:
-    crcs = list(getattr(stream, "index_crcs", ()))
-    if len(crcs) != _STEPS[kind]:
-        raise ValueError(f"the {kind} stream has {len(crcs)} recorded coding steps, expected {_STEPS[kind]}: "
+def _step_checks(stream, kind: str) -> list[int]:
+    found = list(getattr(stream, "index_checks", ()))
+    if len(found) != _STEPS[kind] or getattr(stream, "check_kind", None) != checks.WSUM62:
+        raise ValueError(f"the {kind} stream has {len(found)} recorded coding steps, expected {_STEPS[kind]}: "
                          "pass model.compress(x)'s output as it is")
-    return [c & 0xFFFF for c in crcs]
+    return found[:_CHECKED[kind]]
 
 
 def to_bytes(model_name: str, model, compressed: dict) -> bytes:
@@ -227,9 +236,9 @@ def to_bytes(model_name: str, model, compressed: dict) -> bytes:
     head.write(struct.pack("<HB", int(threads), len(env_raw)))
     head.write(env_raw)
     for y, z in zip(y_strings, z_strings):
-        ysteps, zsteps = _crc16s(y, "y"), _crc16s(z, "z")
+        ysteps, zsteps = _step_checks(y, "y"), _step_checks(z, "z")
         head.write(_PER_IMAGE.pack(len(y), zlib.crc32(y), len(z), zlib.crc32(z)))
-        head.write(struct.pack(f"<BB{len(ysteps) + len(zsteps)}H", len(ysteps), len(zsteps), *ysteps, *zsteps))
+        head.write(struct.pack(f"<BB{len(ysteps) + len(zsteps)}Q", len(ysteps), len(zsteps), *ysteps, *zsteps))
     header = head.getvalue()
     payload = b"".join(bytes(y) + bytes(z) for y, z in zip(y_strings, z_strings))
     return header + struct.pack("<I", zlib.crc32(header)) + payload
@@ -266,10 +275,10 @@ class _Reader:
         return st.unpack(self.take(st.size, what))
 
 
-def _stream(data: bytes, crc16s) -> bytes:
-    if not crc16s:
+def _stream(data: bytes, step_checks, version: int) -> bytes:
+    if not step_checks:
         return data
-    return CodedStream.of(data, crc16s, mask=0xFFFF)
+    return CodedStream.of(data, step_checks, checks.WSUM62 if version >= 3 else checks.CRC16)
 
 
 def from_bytes(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict:
@@ -287,8 +296,9 @@ def from_bytes(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict
         raise BitstreamError(f"not an HPCM file (magic bytes {data[:4]!r}, expected {MAGIC!r})")
     r.take(len(MAGIC), "magic")
     version, name_len = r.unpack("<BB", "header")
-    if version not in (1, 2):
-        raise BitstreamError(f"unsupported HPCM file format version {version} (this reader knows 1 and {VERSION})")
+    if version not in VERSIONS:
+        raise BitstreamError(f"unsupported HPCM file format version {version} "
+                             f"(this reader knows {', '.join(map(str, VERSIONS))})")
     raw_name = r.take(name_len, "model name")
     (ov_len,) = r.unpack("<H", "header")
     raw_ov = r.take(ov_len, "config")
@@ -304,11 +314,12 @@ def from_bytes(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict
         per.append(r.unpack(_PER_IMAGE, "stream table"))
         if version >= 2:
             ny, nz = r.unpack("<BB", "stream table")
-            crcs = r.unpack(f"<{ny + nz}H", "stream table")
-            steps.append((crcs[:ny], crcs[ny:]))
-            if (ny, nz) != (_STEPS["y"], _STEPS["z"]):
-                raise BitstreamError(f"file header is inconsistent: {ny} y and {nz} z coding steps "
-                                     f"(this library writes {_STEPS['y']} and {_STEPS['z']})")
+            want = (_CHECKED["y"], _CHECKED["z"]) if version >= 3 else (_STEPS["y"], _STEPS["z"])
+            if (ny, nz) != want:
+                raise BitstreamError(f"file header is inconsistent: {ny} y and {nz} z coding steps checked "
+                                     f"(version {version} files check {want[0]} and {want[1]})")
+            found = r.unpack(f"<{ny + nz}{'Q' if version >= 3 else 'H'}", "stream table")
+            steps.append((found[:ny], found[ny:]))
         else:
             steps.append(((), ()))
     header_end = r.pos
@@ -341,7 +352,7 @@ def from_bytes(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict
             s = r.take(ln, f"{kind} stream of image {i}")
             if zlib.crc32(s) != crc:
                 raise BitstreamError(f"corrupted file: CRC32 mismatch in the {kind} stream of image {i}")
-            out.append(_stream(s, st))
+            out.append(_stream(s, st, version))
     if r.pos != len(data):
         raise BitstreamError(f"corrupted file: {len(data) - r.pos} unexpected bytes after the last stream")
     return {"model": name, "config": config, "config_fingerprint": cfp, "weights_fingerprint": wfp,
@@ -368,43 +379,92 @@ def read(src, model=None, model_name: str | None = None, max_pixels: int | None 
 
 
 def check(info: dict, model, model_name: str | None = None) -> None:
-    """Raise :class:`~hpcm_triton.BitstreamError` unless ``model`` is the one that wrote ``info``."""
+    """Raise :class:`~hpcm_triton.BitstreamError` unless ``model`` is the one that wrote ``info``.
+
+    Files of versions 1 and 2 were written with CDF tables rebuilt on loading and with the
+    golden rule's seeded weights (docs/bitstream.md §3): for those, a model whose weights
+    fingerprint does not match is first brought to what their writers used (tables rebuilt
+    by ``update(force=True)``; a seeded model reseeded by the golden rule) and checked again,
+    and left as it was if that does not match either.
+    """
     if model_name is not None and model_name.lower() != info["model"]:
         raise BitstreamError(f"file was written by model {info['model']!r}, not {model_name.lower()!r}")
     if config_fingerprint(model.config) != info["config_fingerprint"]:
         raise BitstreamError(f"file was written by {info['model']!r} with a different configuration "
                              f"(file config {info['config_fingerprint'].hex()}, "
                              f"model config {config_fingerprint(model.config).hex()})")
-    if weights_fingerprint(model) != info["weights_fingerprint"]:
-        raise BitstreamError(f"file was written by {info['model']!r} with different weights or CDF tables "
-                             f"(file {info['weights_fingerprint'].hex()}, model {weights_fingerprint(model).hex()}); "
-                             "use the same checkpoint that compressed it")
+    if weights_fingerprint(model) == info["weights_fingerprint"]:
+        return
+    if info["version"] < 3 and _as_older_writers(info, model):
+        return
+    raise BitstreamError(f"file was written by {info['model']!r} with different weights or CDF tables "
+                         f"(file {info['weights_fingerprint'].hex()}, model {weights_fingerprint(model).hex()}); "
+                         "use the same checkpoint that compressed it")
 
 
-def decompress(info: dict, model):
-    """Decompress a parsed (and :func:`check`-ed) file with ``model`` → x_hat (B, 3, H, W).
+def _as_older_writers(info: dict, model) -> bool:
+    """Try the ways versions 1 and 2 built a model (see :func:`check`); True once one matches."""
+    from .models.seeded import reseed_
 
-    Runs the coding path with the encoder's thread count; a decoder whose floats differ from
-    the encoder's raises :class:`~hpcm_triton.entropy.coder.ParameterMismatchError` naming
-    what differs between the two environments.
+    saved = {name: getattr(model, name).clone() for name in TABLE_BUFFERS}
+    model.update(force=True)
+    if weights_fingerprint(model) == info["weights_fingerprint"]:
+        return True
+    rule = getattr(model, "seeded_rule", None)
+    if rule == "portable":
+        reseed_(model, "golden")
+        if weights_fingerprint(model) == info["weights_fingerprint"]:
+            return True
+        reseed_(model, rule)
+    for name, t in saved.items():
+        setattr(model, name, t)
+    model._tables = None
+    return False
+
+
+def decompress(info: dict, model, details: bool = False):
+    """Decompress a parsed (and :func:`check`-ed) file with ``model`` → x_hat (B, 3, H, W), or
+    with ``details`` a dict: ``x_hat``, ``flips`` (per image, the flipped CDF indexes repaired
+    at each y coding step) and ``flips_total``.
+
+    Version 3: any thread count (torch's current one), instruction set, Bi-WKV4 backend or
+    device. Versions 1 and 2 are decoded as they were written: with the encoder's thread count,
+    and without repairs. A step that cannot be repaired raises
+    :class:`~hpcm_triton.entropy.coder.ParameterMismatchError` naming what differs between the
+    encoder's recorded environment and this one.
     """
     from .coding_env import describe, differences, environment
 
+    threads = info.get("threads") if info["version"] < 3 else None
     try:
-        return model.decompress(info["strings"], info["shape"], image_size=info["image_size"],
-                                threads=info.get("threads"))["x_hat"]
+        out = model.decompress(info["strings"], info["shape"], image_size=info["image_size"], threads=threads)
     except ParameterMismatchError as e:
-        here = environment(next(model.parameters()).device, info.get("threads"), model)
+        here = environment(next(model.parameters()).device, threads, model)
         diff = differences(info.get("encoder") or {}, here)
         if diff:
-            why = ("this machine computes different floats than the encoder's (" + "; ".join(diff) + "): a learned "
-                   "codec decodes only where the encoder's arithmetic is reproduced; decode it on a machine like "
-                   f"the encoder's ({describe(info['encoder'])})")
+            why = "this machine computes different floats than the encoder's (" + "; ".join(diff) + ")"
+            if info["version"] < 3:
+                why += (f": a version-{info['version']} file decodes only where the encoder's arithmetic is "
+                        f"reproduced; decode it on a machine like the encoder's ({describe(info['encoder'])})")
         else:
             why = (f"the encoder's recorded environment matches this one ({describe(here)}), so the stream was "
-                   "altered after its checksums were written, or this CPU/GPU rounds differently from the "
+                   "altered after its checks were written, or this CPU/GPU rounds differently from the "
                    "encoder's of the same kind")
         raise ParameterMismatchError(f"{e}; {why}") from None
+    if not details:
+        return out["x_hat"]
+    flips = out.get("flips", [])
+    return {"x_hat": out["x_hat"], "flips": flips, "flips_total": sum(sum(f) for f in flips)}
+
+
+def describe_flips(flips) -> str:
+    """One line on the repairs :func:`decompress` (``details=True``) reports."""
+    total = sum(sum(f) for f in flips)
+    if not total:
+        return "no flipped CDF index"
+    steps = sorted({k + 1 for f in flips for k, n in enumerate(f) if n})
+    return (f"{total} flipped CDF index{'es' if total > 1 else ''} repaired (y coding step"
+            f"{'s' if len(steps) > 1 else ''} {', '.join(map(str, steps))})")
 
 
 def decode(src, model, model_name: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS):
@@ -428,5 +488,7 @@ def describe_file(info: dict) -> dict:
             "z stream bytes": ", ".join(f"{len(s):,}" for s in zs),
             "config fingerprint": info["config_fingerprint"].hex(),
             "weights fingerprint": info["weights_fingerprint"].hex(),
+            "index checks": {1: "none (version 1)", 2: "16-bit CRC per step (compared only)",
+                             3: "62-bit per y step (flipped indexes repaired)"}[info["version"]],
             "encoder threads": info["threads"] if info["threads"] is not None else "not recorded (version 1)",
             "encoder environment": ", ".join(f"{k}={v}" for k, v in info["encoder"].items()) or "not recorded"}

@@ -259,16 +259,17 @@ def cmd_decompress(args) -> int:
                          config=None if args.checkpoint else info["config"])
     bitstream.check(info, model, name)
     threads = info.get("threads")
-    if threads and threads > (os.cpu_count() or 1):
+    if info["version"] < 3 and threads and threads > (os.cpu_count() or 1):
         _note(f"the file was encoded with {threads} CPU threads; decoding uses the same count (bit-exact "
               f"arithmetic needs it) on {os.cpu_count()} CPUs, which is slower")
     t0 = time.perf_counter()
     with torch.no_grad():
-        x_hat = bitstream.decompress(info, model)
+        dec = bitstream.decompress(info, model, details=True)
     dt = time.perf_counter() - t0
-    im.save_image(x_hat.cpu(), out, exclusive=not args.force)
+    im.save_image(dec["x_hat"].cpu(), out, exclusive=not args.force)
     H, W = info["image_size"]
-    print(f"{args.input} → {out} ({H}×{W}, height×width, 8-bit RGB), {name}, {dt:.2f} s")
+    print(f"{args.input} → {out} ({H}×{W}, height×width, 8-bit RGB), {name}, {dt:.2f} s, "
+          f"{bitstream.describe_flips(dec['flips'])}")
     return 0
 
 
@@ -462,8 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "untrained seeded weights)")
     common(c)
     c.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for the coding path, recorded in the file; the decoder uses the same "
-                        "count (default: torch's, i.e. OMP_NUM_THREADS or the number of cores)")
+                   help="CPU threads for the coding path, recorded in the file as information (any count "
+                        "decodes it) (default: torch's, i.e. OMP_NUM_THREADS or the number of cores)")
     max_pixels(c, "an image with")
     force(c)
     c.set_defaults(func=cmd_compress)

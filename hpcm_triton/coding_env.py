@@ -1,17 +1,18 @@
-"""The encoder's environment, recorded in a ``.hpcm`` header and compared by a decoder.
+"""The encoder's environment, recorded in a ``.hpcm`` header as information.
 
 A learned codec's decoder recomputes the encoder's entropy parameters (hyper-synthesis,
-context cells, spatial priors) from the symbols decoded so far; the rANS tables it picks are
-only right if those floats are bit-identical to the encoder's. Beyond the weights and the
-configuration (the file's fingerprints) and what the coding path fixes itself
-(:mod:`hpcm_triton.models.coding`: thread count, kernel choice), that depends on
+context cells, spatial priors) from the symbols decoded so far, and their floats depend on
 
-* the Bi-WKV4 backend: on CPU the compiled C kernels (``kernels_cpu``) and the pure-PyTorch
-  scan round differently, and "auto" falls back to the latter where no C compiler is found;
-* the device kind and model (CPU instruction set, GPU) and the torch / oneDNN build, which a
-  decoder cannot change.
+* the CPU thread count (oneDNN and MKL split reductions by thread);
+* the Bi-WKV4 backend: on CPU the compiled C kernels (``kernels_cpu``, built for this machine's
+  instruction set or ``HPCM_TRITON_CPU_MARCH``) and the pure-PyTorch scan round differently,
+  and "auto" falls back to the latter where no C compiler is found;
+* the device kind and model (CPU instruction set, GPU) and the torch / oneDNN build.
 
-These are recorded in the file and named in the error when a decode meets a mismatch.
+None of these has to match for a version-3 file to decode: each coding step's CDF indexes are
+checked and the few that flip are repaired (docs/bitstream.md §4). They are recorded so that
+``hpcm-triton info`` can say where a file was written, and named in the error when a decoder's
+floats differ by more than the repairs cover (or, for a version-2 file, differ at all).
 """
 from __future__ import annotations
 # The environment facts a file's header records (in this order) and a decoder compares.

@@ -10,9 +10,11 @@ form does not fit in 28 bits. These measures keep ``decompress`` honest and boun
   becomes a :class:`BitstreamError` after a timeout instead of killing or blocking the caller;
 * every decoded symbol is checked against what the tables and the bypass range can encode
   (:data:`BYPASS_LIMIT`); anything else is corruption, reported before it reaches an encoder;
-* each chunk's CDF indexes are checked against the CRC32 the encoder recorded (when the
-  stream carries them, see :class:`CodedStream`): a decoder whose entropy parameters differ
-  from the encoder's (other float rounding) stops at the first differing step;
+* each chunk's CDF indexes are checked against the check the encoder recorded (when the
+  stream carries them, see :class:`CodedStream`) before the chunk is decoded: a decoder whose
+  entropy parameters differ from the encoder's (other float rounding) repairs the few indexes
+  that flipped by a bounded search (:mod:`.checks`), and stops with a
+  :class:`ParameterMismatchError` at a step the search cannot resolve;
 * after the last symbol, the decoded symbols are encoded again, in the worker under the same
   timeout, and must reproduce the input bytes exactly. rANS is deterministic, so a valid
   stream always passes and a corrupted, truncated or other-model stream fails.
@@ -26,10 +28,11 @@ import os
 import signal
 import sys
 import warnings
-import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from . import checks
 
 # compressai's bypass coder writes |value| in 4-bit groups and loops forever once the raw value
 # (2·|v| − 1 below the table, 2·(v − max) above it) needs 8 groups or more: the encoder can only
@@ -64,19 +67,27 @@ class ParameterMismatchError(BitstreamError):
 
 
 class CodedStream(bytes):
-    """The bytes of one rANS stream, with the CRC32 of each chunk's CDF indexes in coding order
-    (``index_crcs``, compared on the bits of ``index_crc_mask``; empty when unknown). Compares
-    and hashes as plain bytes."""
+    """The bytes of one rANS stream, with a check of each chunk's CDF indexes in coding order
+    (``index_checks``; empty when unknown) of the kind ``check_kind`` (:mod:`.checks`:
+    ``WSUM62``, searched on a mismatch, or version-2 files' ``CRC16``, only compared).
+    Compares and hashes as plain bytes."""
 
-    index_crcs: tuple = ()
-    index_crc_mask: int = 0xFFFFFFFF
+    index_checks: tuple = ()
+    check_kind: str = checks.WSUM62
 
     @classmethod
-    def of(cls, data, index_crcs=(), mask: int = 0xFFFFFFFF) -> "CodedStream":
+    def of(cls, data, index_checks=(), kind: str = checks.WSUM62) -> "CodedStream":
+        if kind not in (checks.WSUM62, checks.CRC16):
+            raise ValueError(f"unknown index check kind {kind!r}")
         s = cls(data)
-        s.index_crcs = tuple(int(c) & mask for c in index_crcs)
-        s.index_crc_mask = mask
+        s.index_checks = tuple(int(c) for c in index_checks)
+        s.check_kind = kind
         return s
+
+    @property
+    def index_crcs(self) -> tuple:
+        """The older name of :attr:`index_checks`."""
+        return self.index_checks
 
 
 @dataclass
@@ -99,11 +110,6 @@ class CdfTables:
             cached = (np.asarray(self.lengths, dtype=np.int64) - 2, np.asarray(self.offsets, dtype=np.int64))
             self.__dict__["_arrays"] = cached
         return cached
-
-
-def index_crc(indexes: np.ndarray) -> int:
-    """CRC32 of a chunk's CDF indexes (int32 little-endian)."""
-    return zlib.crc32(np.ascontiguousarray(indexes, dtype="<i4").reshape(-1).tobytes())
 
 
 def range_error(symbols: np.ndarray, indexes: np.ndarray, tables: CdfTables) -> str | None:
@@ -131,8 +137,8 @@ def encode(chunks: list[tuple[np.ndarray, np.ndarray, CdfTables]]) -> CodedStrea
     Raises ValueError for symbols the coder cannot represent (it would never terminate).
     """
     enc = compressai_ext("ans").BufferedRansEncoder()
-    crcs = []
-    for symbols, indexes, tables in chunks:
+    step_checks = []
+    for step, (symbols, indexes, tables) in enumerate(chunks):
         err = range_error(symbols, indexes, tables)
         if err:
             raise ValueError(f"cannot entropy-code this latent: {err}")
@@ -141,8 +147,8 @@ def encode(chunks: list[tuple[np.ndarray, np.ndarray, CdfTables]]) -> CodedStrea
             np.asarray(indexes).reshape(-1).astype(np.int32).tolist(),
             tables.cdfs, tables.lengths, tables.offsets,
         )
-        crcs.append(index_crc(indexes))
-    return CodedStream.of(enc.flush(), crcs)
+        step_checks.append(checks.index_check(indexes, step))
+    return CodedStream.of(enc.flush(), step_checks)
 
 
 def _open_decoders(streams, tail: bytes = b"") -> list:
@@ -208,8 +214,10 @@ class DecodeSession:
     """Decodes several streams step by step, isolated in a worker process.
 
     ``tables`` maps a name to its :class:`CdfTables`. Streams that are :class:`CodedStream`
-    objects with ``index_crcs`` have each decode call's indexes checked against them. Use as a
-    context manager; call :meth:`verify` once every symbol has been decoded.
+    objects with ``index_checks`` have each decode call's indexes checked against them, and
+    flipped indexes repaired where the call says how to find candidates (:meth:`decode`);
+    ``flips[i]`` lists, per coding step of stream i, how many were repaired. Use as a context
+    manager; call :meth:`verify` once every symbol has been decoded.
     """
 
     streams: list[bytes]
@@ -225,9 +233,10 @@ class DecodeSession:
             if len(s) < 8 or len(s) % 4:
                 # compressai's rANS flushes a 64-bit state and whole 32-bit words.
                 raise BitstreamError(f"{self.label} {i} has {len(s)} bytes: truncated or not an rANS stream")
-        self._expected = [tuple(getattr(s, "index_crcs", ())) for s in self.streams]
-        self._masks = [getattr(s, "index_crc_mask", 0xFFFFFFFF) for s in self.streams]
+        self._expected = [tuple(getattr(s, "index_checks", ())) for s in self.streams]
+        self._kinds = [getattr(s, "check_kind", checks.WSUM62) for s in self.streams]
         self._calls = [0] * len(self.streams)
+        self.flips = [[] for _ in self.streams]
         self._symbols = 0
         self._log = [[] for _ in self.streams]
         self._proc = None
@@ -261,18 +270,46 @@ class DecodeSession:
             raise BitstreamError(f"{self.label} {stream_id}: the rANS decoder crashed (exit code {code}); "
                                  "the stream is corrupted or truncated") from None
 
-    def decode(self, stream_id: int, table_id: str, indexes: np.ndarray) -> np.ndarray:
-        indexes = np.ascontiguousarray(indexes, dtype=np.int32).reshape(-1)
+    def _checked(self, stream_id: int, indexes: np.ndarray, candidates) -> np.ndarray:
+        """``indexes`` if they pass the stream's check of this step, else the repaired ones."""
         k = self._calls[stream_id]
         expected = self._expected[stream_id]
-        if expected:
-            if k >= len(expected):
-                raise BitstreamError(f"{self.label} {stream_id}: the file records {len(expected)} coding steps, "
-                                     f"the model asks for step {k + 1}")
-            if index_crc(indexes) & self._masks[stream_id] != expected[k]:
-                raise ParameterMismatchError(
-                    f"{self.label} {stream_id}: the entropy parameters at coding step {k + 1} of {len(expected)} "
-                    "differ from the encoder's (CDF index checksum mismatch)")
+        if k >= len(expected):
+            raise BitstreamError(f"{self.label} {stream_id}: the file records {len(expected)} coding steps, "
+                                 f"the model asks for step {k + 1}")
+        where = f"{self.label} {stream_id}: the entropy parameters at coding step {k + 1} of {len(expected)}"
+        if self._kinds[stream_id] == checks.CRC16:
+            if checks.index_crc(indexes) & 0xFFFF != expected[k]:
+                raise ParameterMismatchError(f"{where} differ from the encoder's (CDF index checksum mismatch)")
+            return indexes
+        if checks.index_check(indexes, k) == expected[k]:
+            self.flips[stream_id].append(0)
+            return indexes
+        if candidates is None:
+            raise ParameterMismatchError(f"{where} differ from the encoder's (CDF index check mismatch)")
+        positions, alternatives = candidates(checks.CANDIDATES)
+        sel = checks.search_flips(indexes, k, expected[k], positions, alternatives)
+        if sel is None:
+            raise ParameterMismatchError(
+                f"{where} differ from the encoder's, and no set of up to {checks.MAX_FLIPS} flipped CDF indexes "
+                f"among the {checks.CANDIDATES} positions nearest a scale-table boundary reproduces the "
+                "encoder's check (search budget exhausted)")
+        fixed = indexes.copy()
+        fixed[positions[sel]] = alternatives[sel]
+        self.flips[stream_id].append(len(sel))
+        return fixed
+
+    def decode(self, stream_id: int, table_id: str, indexes: np.ndarray, candidates=None) -> np.ndarray:
+        """Decode the next chunk of stream ``stream_id`` with ``indexes`` into ``table_id``'s tables.
+
+        ``candidates(k)``, if given, returns ``(positions, alternatives)``: the k positions whose
+        index is likeliest to differ from the encoder's and the index each would have then
+        (:func:`.checks.flip_candidates`); it is called only when the indexes miss the check.
+        """
+        indexes = np.ascontiguousarray(indexes, dtype=np.int32).reshape(-1)
+        k = self._calls[stream_id]
+        if self._expected[stream_id]:
+            indexes = self._checked(stream_id, indexes, candidates)
         self._calls[stream_id] = k + 1
         tables = self.tables[table_id]
         if self._proc is None:

@@ -1,16 +1,20 @@
-"""Running compress/decompress so that an encoder and a decoder compute the same floats.
+"""Running compress/decompress, and a hook that disturbs the decoder's entropy parameters.
 
 A learned codec's decoder recomputes the encoder's entropy parameters from the symbols decoded
-so far; the rANS tables it picks are right only if those floats equal the encoder's. Two things
-that would change them are fixed on the coding path:
+so far. Their floats depend on the machine: the CPU thread count (oneDNN and MKL split
+reductions by the number of threads: a 1×1 convolution of 16→64 channels already rounds
+differently with 1, 2 and 3 threads), the instruction set, the Bi-WKV4 backend, the device.
+The symbols do not: each coding step's CDF indexes are checked against the encoder's and the
+few that flip are repaired (docs/bitstream.md §4), so no setting needs to be pinned for a file
+to decode. What the coding path still fixes:
 
-* the CPU thread count: oneDNN and MKL split reductions by the number of threads (measured: a
-  1×1 convolution of 16→64 channels rounds differently with 1, 2 and 3 threads), so the coding
-  path runs with one recorded count;
-* GPU kernel choices: by shape alone (``kernels_triton.shape_only_selection``), never by timing.
+* GPU kernel choices: by shape alone (``kernels_triton.shape_only_selection``), never by timing;
+* the CPU thread count only when asked (``threads=``, or the count a ``compress`` output dict
+  records when it is passed back to ``decompress``): then the decoder also reproduces the
+  encoder's own reconstruction bit for bit, not only within one level.
 
 What a decoder cannot change (device, instruction set, library builds) is recorded in the
-``.hpcm`` header by :mod:`hpcm_triton.coding_env`.
+``.hpcm`` header by :mod:`hpcm_triton.coding_env`, as information.
 """
 from __future__ import annotations
 
@@ -48,9 +52,9 @@ def _kernel_selection():
 
 
 def coding_path(fn):
-    """Decorator for ``compress``/``decompress``: kernels chosen by shape alone, and a fixed
-    thread count — ``threads=`` if given, else the one a ``compress`` output dict records,
-    else the current one. ``compress``'s output records the count it ran with (``"threads"``)."""
+    """Decorator for ``compress``/``decompress``: kernels chosen by shape alone, and the thread
+    count ``threads=`` if given, else the one a ``compress`` output dict records, else the
+    current one. ``compress``'s output records the count it ran with (``"threads"``)."""
 
     @functools.wraps(fn)
     def wrapper(self, *args, threads: int | None = None, **kwargs):
@@ -66,3 +70,31 @@ def coding_path(fn):
         return out
 
     return wrapper
+
+
+@contextlib.contextmanager
+def perturbed_decoding(model, eps: float, seed: int = 0):
+    """Within the block, ``model.decompress`` multiplies every entropy-parameter tensor it
+    computes (each y coding step's scales and means) by (1 + eps·N(0, 1)), from a generator
+    seeded with ``seed`` at entry: a stand-in for a machine whose floats differ by ~eps.
+    ``eps=0`` installs nothing."""
+    import torch
+
+    if not eps:
+        yield
+        return
+    g = torch.Generator().manual_seed(int(seed))
+
+    def hook(_scale, scales, means):
+        def noisy(t):
+            n = torch.randn(t.shape, generator=g, dtype=torch.float32).to(t.device, t.dtype)
+            return t * (1 + eps * n)
+
+        return noisy(scales), noisy(means)
+
+    old = model.decoder_param_hook
+    model.decoder_param_hook = hook
+    try:
+        yield
+    finally:
+        model.decoder_param_hook = old

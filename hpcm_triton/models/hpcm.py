@@ -20,6 +20,8 @@ with warnings.catch_warnings():  # compressai 1.2.8 scripts a few functions at i
     from compressai.models import CompressionModel
 
 from ..entropy import BitstreamError, CdfTables, DecodeSession, GeneralizedGaussian, default_scale_table, encode
+from ..entropy.checks import flip_candidates
+from ..entropy.ggm import is_default_scale_table, stored_y_tables
 from ..layers import conv1x1
 from . import masks, weights
 from .coding import coding_path
@@ -143,6 +145,9 @@ class HPCM(CompressionModel):
         for name in TABLE_BUFFERS:
             self.register_buffer(name, torch.empty(0, dtype=torch.float32 if name == "scale_table" else torch.int32))
         self._tables = None  # CdfTables cache, rebuilt after update()/load
+        # A test hook: decompress passes each step's (scale name, scales, means) through it and
+        # decodes with what it returns (hpcm_triton.models.coding.perturbed_decoding).
+        self.decoder_param_hook = None
 
     def _context_cell(self, scale: int) -> nn.Module:
         cfg = self.config
@@ -159,7 +164,11 @@ class HPCM(CompressionModel):
         """Build the rANS CDF tables (state_dict buffers). ``None`` = the official 60-scale table
         (not CompressAI's 64-scale default: the official bitstreams depend on it).
 
-        Returns True if tables were (re)built; with ``force=False`` existing tables are kept.
+        Returns True if tables were (re)built; with ``force=False`` existing tables are kept
+        (tables loaded from a checkpoint are authoritative: rebuilding them is this explicit
+        call). y's tables for the official scale table are the stored ones
+        (:func:`~hpcm_triton.entropy.ggm.stored_y_tables`), the same on every machine; z's are
+        computed from ``scales_hyper`` with the official arithmetic.
         ``update_quantiles`` is CompressAI's argument for EntropyBottlenecks; HPCM has none.
         """
         if self.quantized_cdf_y.numel() and not force and scale_table is None:
@@ -170,7 +179,10 @@ class HPCM(CompressionModel):
         self.scale_table = scale_table.detach().float().to(dev)
         cdf, length, offset = self.entropy_estimation.quantized_cdfs(self.scales_hyper.detach().view(-1))
         self.quantized_cdf_z, self.cdf_length_z, self.offset_z = cdf.to(dev), length.to(dev), offset.to(dev)
-        cdf, length, offset = self.entropy_estimation.quantized_cdfs(self.scale_table)
+        if is_default_scale_table(self.scale_table):
+            cdf, length, offset = stored_y_tables()
+        else:
+            cdf, length, offset = self.entropy_estimation.quantized_cdfs(self.scale_table)
         self.quantized_cdf_y, self.cdf_length_y, self.offset_y = cdf.to(dev), length.to(dev), offset.to(dev)
         self._tables = None
         return True
@@ -372,6 +384,11 @@ class HPCM(CompressionModel):
         ``shape.image_size`` when ``shape`` came from :meth:`compress`, else the padded size).
         ``decompress(model.compress(x))`` also works. Raises
         :class:`~hpcm_triton.entropy.BitstreamError` for truncated, corrupted or foreign streams.
+
+        Streams that carry per-step index checks (``compress``'s, and version-3 files') decode
+        on any machine, thread count and Bi-WKV4 backend: a step whose CDF indexes miss the
+        encoder's check has its flipped indexes repaired first (docs/bitstream.md §4), and
+        ``"flips"`` lists, per image, how many were repaired at each y coding step.
         """
         if isinstance(strings, dict):
             strings, shape, image_size = strings["strings"], strings["shape"], strings.get("image_size")
@@ -396,11 +413,19 @@ class HPCM(CompressionModel):
                                  for b in range(B)]).to(dev, torch.float32)
             zdec.verify()
         params = self.h_s(z_res + self.means_hyper)
+        boundaries = self.scale_table[:-1].detach().cpu().numpy()
         with DecodeSession(list(strings[0]), tables, label="y stream") as ydec:
             def code_step(scale, scales, means, mask):
+                if self.decoder_param_hook is not None:
+                    scales, means = self.decoder_param_hook(scale, scales, means)
                 g = _GROUPS[scale]
-                idx = self._y_indexes(masks.combine_groups(scales * mask, g)).cpu().numpy()
-                sym = torch.stack([torch.from_numpy(ydec.decode(b, "y", idx[b])).view(idx.shape[1:])
+                dense = masks.combine_groups(scales * mask, g)
+                idx = self._y_indexes(dense).cpu().numpy()
+
+                def candidates(b):  # only called for a step whose indexes miss the encoder's check
+                    return lambda k: flip_candidates(dense[b].double().cpu().numpy(), boundaries, idx[b], k)
+
+                sym = torch.stack([torch.from_numpy(ydec.decode(b, "y", idx[b], candidates(b))).view(idx.shape[1:])
                                    for b in range(B)]).to(dev, torch.float32)
                 return ((torch.cat([sym] * g, dim=1) + means) * mask,)
 
@@ -409,7 +434,7 @@ class HPCM(CompressionModel):
         x_hat = self.g_s(y_hat).clamp_(0, 1)
         if image_size is not None:
             x_hat = crop_centered(x_hat, image_size)
-        return {"x_hat": x_hat}
+        return {"x_hat": x_hat, "flips": ydec.flips}
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod

@@ -13,7 +13,13 @@ Formats (told apart by their content, never by the file name):
 
 In every format, leading ``module.`` prefixes (``DataParallel``/``DistributedDataParallel``,
 possibly nested) are stripped from each key that has them, and every floating-point tensor must
-be finite. The CDF tables are rebuilt from the loaded weights by ``update()``.
+be finite.
+
+CDF tables: a file's own tables are authoritative (:func:`stored_tables_usable`): they are
+loaded as they are, never recomputed, so a file written with them decodes on any machine
+(computing them rounds differently per CPU, docs/bitstream.md §3). They are built by
+``update()`` only where the file has none, or where they may lag the weights: a training
+checkpoint (one with an optimizer state) has the tables of its last validation.
 
 The named variants register themselves in :attr:`HPCM.variants <hpcm_triton.models.hpcm.HPCM>`
 (``models/zoo.py``); :func:`load_model` takes that mapping, so this module does not import the
@@ -152,9 +158,22 @@ def _short(keys, n=8):
     return ", ".join(keys[:n]) + (f" ... (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
+def stored_tables_usable(model) -> bool:
+    """Whether ``model`` holds a complete set of CDF tables that fit it (one z table per
+    hyper-latent channel, one y table per scale-table entry)."""
+    t = {name: getattr(model, name) for name in TABLE_BUFFERS}
+    if any(not v.numel() for v in t.values()):
+        return False
+    return (t["quantized_cdf_z"].dim() == 2 and t["quantized_cdf_y"].dim() == 2
+            and len(t["cdf_length_z"]) == len(t["offset_z"]) == t["quantized_cdf_z"].shape[0] == model.N
+            and len(t["cdf_length_y"]) == len(t["offset_y"]) == t["quantized_cdf_y"].shape[0]
+            == t["scale_table"].numel())
+
+
 def load_model(path: str | os.PathLike, variants: Mapping[str, type], name: str | None = None,
                device: str | torch.device = "cpu", *, fallback_name: str | None = None):
-    """A ready model (eval mode on ``device``, CDF tables built) from a file of any format.
+    """A ready model (eval mode on ``device``, CDF tables loaded or built as the module
+    docstring says) from a file of any format.
 
     ``variants``: variant name → class (``HPCM.variants``). ``name``: the model the caller
     requires; a checkpoint of another model is refused, and an official state_dict is loaded as
@@ -205,5 +224,6 @@ def load_model(path: str | os.PathLike, variants: Mapping[str, type], name: str 
             warnings.warn(f"{path}: an official state_dict loaded into {name}: {', '.join(new)} are untrained "
                           "(fine-tune them with `train --init-official`)", stacklevel=2)
     model.to(device).eval()
-    model.update(force=True)
+    training_checkpoint = is_hpcm_triton_format(ck) and "optimizer" in ck
+    model.update(force=training_checkpoint or not stored_tables_usable(model))
     return model, name, ck
