@@ -13,13 +13,14 @@ per group come from :class:`~hpcm_triton.study.flops.ForwardMacs`.
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 
 import torch
 from torch import nn
 
 from ..entropy import coder
-from ..models import hpcm as hpcm_module
+from ..models.zoo import HPCM
 from .flops import ForwardMacs
 from .measure import build, image, say, sync
 
@@ -88,7 +89,7 @@ class GroupTimer:
             for m in (child if isinstance(child, nn.ModuleList) else (child,)):
                 pre, post = self._clock(group)
                 self._handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
-        self._wrap(hpcm_module, "encode", CODING)
+        self._wrap(sys.modules[HPCM.__module__], "encode", CODING)  # the name compress calls
         for name in CODER_STEPS:
             self._wrap(coder.DecodeSession, name, CODING)
         return self

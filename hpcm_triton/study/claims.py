@@ -45,7 +45,7 @@ class Claim:
         sign = "+" if a > 0 or (a == 0 and b > 0) else "−"
         unit = " dB" if self.unit == "dB" else " %"
         if self.quantity == "params":
-            return f"≤ +{a:g}{unit} (\"grows only a little\", read as ≤ +{a:g} %)"
+            return f"\"grows only a little\" (read as ≤ +{a:g} %)"
         if a == b:
             return f"{sign}{abs(a):g}{unit}"
         return f"{sign}{abs(a):g} to {sign}{abs(b):g}{unit}"

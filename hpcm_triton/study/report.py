@@ -60,8 +60,12 @@ def _plot(path: Path, results: dict, panels, ylabel: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
-    for ax, (title, key) in zip(axes[0], panels):
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, key) in zip(axes.flat, panels):
         for i, (name, pts) in enumerate(_series(results, key)):
             ax.loglog([p[0] for p in pts], [p[1] for p in pts], "-o", ms=4, color=f"C{i}", label=name)
         ax.set_title(title, fontsize=9)
@@ -197,7 +201,7 @@ def _sizes_section(results: dict) -> list:
 
 def _ratios_section(results: dict) -> list:
     rat = results.get("ratios") or {}
-    if not rat:
+    if not any(res != "params" for per in rat.values() for res in per):
         return []
     lines = [f"## Against {BASELINE} (change in %, negative = less)", ""]
     head = ["variant", "size", "params", "MACs/pixel", "forward", "train step (b1)", "train per image (batch)",
@@ -217,9 +221,9 @@ def _ratios_section(results: dict) -> list:
 def _largest_section(results: dict) -> list:
     lg = results.get("largest") or {}
     if not lg:
-        lim = results["study"]["options"].get("memory_limit")
-        return [] if lim else ["## Largest image within a memory limit", "",
-                               "Not run: no --memory-limit was given.", ""]
+        opts = results["study"]["options"]
+        return [] if opts.get("memory_limit") or not opts.get("measure") else [
+            "## Largest image within a memory limit", "", "Not run: no --memory-limit was given.", ""]
     first = next(iter(lg.values()))["train"]
     lines = [f"## Largest image within {first['limit_mib']:,.0f} MiB", "",
              "A doubling search from 256², then a bisection, over square sides (multiples of the variant's padding "

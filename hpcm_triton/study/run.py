@@ -128,7 +128,8 @@ def run_study(opts: dict) -> dict:
         for v in opts["variants"]:
             name, overrides = variants.resolve(v)
             entry = {"model": name, "overrides": overrides,
-                     "config": dataclasses.asdict(PRESETS[name].with_(**overrides)), "params": None, "sizes": []}
+                     "config": dataclasses.asdict(PRESETS[name].with_(**overrides)),
+                     "params": _params(v, opts["size"]), "sizes": []}
             results["variants"][v] = entry
             for res in sizes:
                 bar.write(f"study: {v} at {res[0]}×{res[1]} ({opts['size']} widths)")
@@ -140,7 +141,6 @@ def run_study(opts: dict) -> dict:
 
                     row = empty_row(res, row["error"])
                 entry["sizes"].append(row)
-                entry["params"] = entry["params"] or row.get("params")
                 done += 1
                 bar.update_to(done)
         if opts["measure"] and opts.get("memory_limit"):
@@ -166,6 +166,19 @@ def run_study(opts: dict) -> dict:
     results["claims"] = claims.evaluate_claims(results)
     results["files"] = report.write(out, results)
     return results
+
+
+def _params(variant: str, size: str) -> int:
+    """The variant's parameter count, from a model built on the meta device (shapes only)."""
+    import torch
+
+    from ..models.config import size_overrides
+    from ..models.zoo import get_model
+
+    name, overrides = variants.resolve(variant)
+    with torch.device("meta"):
+        model = get_model(name, **{**size_overrides(size), **overrides})
+    return sum(p.numel() for p in model.parameters())
 
 
 def _search(runner: Runner, bar: StepProgress, opts: dict, variant: str, kind: str) -> dict:
