@@ -1,21 +1,21 @@
-"""Benchmark Bi-WKV4: the Triton strategies against the memory system, plus the CPU paths.
+"""Benchmark Bi-WKV4: the Triton kernels against the memory system, plus the CPU paths.
 
     python bench/bench_biwkv4.py [--C 640,960] [--dtype fp32] [--quick] [--rep 50]
 
-Shapes (docs/biwkv4.md §5): C = 640 (2M) and 960 (3M, Phase-4 priors); a 256² image gives T = 16, 64,
-256 (B = 1, 8, 16), a 4K frame T = 2160, 8640, 34560 with B = 1; plus B = 16, T = 4096.
+Shapes (docs/biwkv4.md §5): C = 640 (2M) and 960 (3M, Phase-4 priors); a 256² image gives
+T = 16, 64, 256 (B = 1, 8, 16), a 4K frame T = 2160, 8640, 34560 with B = 1; plus B = 16,
+T = 4096.
 
-On a GPU, per shape and strategy (sequential, chunked with the heuristic's chunk), forward
-and forward+backward: bytes moved per (b, t, c) element as counted from the kernels' loads
-and stores (``kernels_triton.ops.traffic``), kernel launches per call, time, achieved GB/s
-(those bytes over the time) and the fraction of the device's copy bandwidth, measured in the
-same run as ``torch.empty_like(x).copy_(x)`` on a 1 GiB buffer. Also "floor %": the time the
-floors of 12 B (forward) and 32 B (forward+backward) per fp32 element would take at the
-measured copy bandwidth, over the measured time (the targets: >= 50 % forward, >= 35 %
-forward+backward at the 4K shape and at B = 16, T = 4096, C = 640). Nothing asserts time.
+On a GPU, per shape, forward and forward+backward: bytes moved per (b, t, c) element as
+counted from the kernels' loads and stores (``kernels_triton.ops.traffic``), kernel launches
+per call, time, achieved GB/s (those bytes over the time) and the fraction of the device's
+copy bandwidth, measured in the same run as ``torch.empty_like(x).copy_(x)`` on a 1 GiB
+buffer. Also "floor %": the time the floors of 12 B (forward) and 32 B (forward+backward) per
+fp32 element would take at the measured copy bandwidth, over the measured time. Nothing
+asserts time. (bench/gpu_check.sh is the short, prepared version of this.)
 
-Without a GPU: the traffic model of each strategy (bytes, launches) and the CPU time of the
-two CPU backends (the C kernels "cpu" and the PyTorch scan "torch") at sizes two cores can do;
+Without a GPU: the traffic model (bytes, launches) and the CPU time of the two CPU backends
+(the C kernels "cpu" and the PyTorch scan "torch") at sizes two cores can do;
 bench/bench_biwkv4_cpu.py compares them with a floor measured in the same run. Prints markdown
 tables.
 """
@@ -31,7 +31,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kernels_triton import biwkv4  # noqa: E402
-from kernels_triton.ops import choose_strategy, traffic  # noqa: E402
+from kernels_triton.autotune import timed_calls  # noqa: E402
+from kernels_triton.ops import traffic  # noqa: E402
 
 _DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FLOOR_FWD, FLOOR_FB = 12, 32      # fp32 bytes per element: k, v, y / + gy, gk, gv, y, (k, v)
@@ -86,45 +87,32 @@ def gpu_main(args, dtype):
     print(f"# Bi-WKV4 on {torch.cuda.get_device_name()}; torch {torch.__version__}; "
           f"triton {triton.__version__}; dtype {args.dtype}")
     print(f"measured copy bandwidth (torch.empty_like(x).copy_(x), 1 GiB): {bw:.0f} GB/s\n")
-    print("| C | B | T | strategy | chunk | fwd B/el | fwd launches | fwd ms | fwd GB/s | fwd % copy "
+    print("| C | B | T | fwd B/el | fwd launches | fwd ms | fwd GB/s | fwd % copy "
           "| fwd floor % | f+b B/el | f+b launches | f+b ms | f+b GB/s | f+b % copy | f+b floor % |")
-    print("|" + "---|" * 17)
+    print("|" + "---|" * 15)
     for C in [int(c) for c in args.C.split(",")]:
         for B, T in shapes(args.quick):
             w, u, k, v, gy = inputs(B, T, C, dtype, dev)
             n = B * T * C
-            _, ch = choose_strategy(B, T, C, dtype, dev)
-            cands = [("sequential", T)]
-            if T > 64:
-                cands.append(("chunked", ch if ch < T else max(64, T // 4)))
-            for strategy, chunk in cands:
-                params = [x.clone().requires_grad_() for x in (w, u, k, v)]
-
-                def fwd(params=params, strategy=strategy, chunk=chunk):
-                    with torch.no_grad():
-                        biwkv4(*params, backend="triton", strategy=strategy, chunk=chunk)
-
-                def fb(params=params, strategy=strategy, chunk=chunk, gy=gy):
-                    y = biwkv4(*params, backend="triton", strategy=strategy, chunk=chunk)
-                    torch.autograd.grad(y, params, gy)
-                try:
-                    fb()
-                    t_f = timeit(fwd, dev, args.rep)
-                    t_fb = timeit(fb, dev, args.rep)
-                except torch.cuda.OutOfMemoryError:
-                    torch.cuda.empty_cache()
-                    print(f"| {C} | {B} | {T} | {strategy} | {chunk} | OOM |" + " |" * 11)
-                    continue
-                tr = traffic(B, T, C, dtype, strategy, chunk, backward=True)
-                bf, bb = tr["fwd_bytes_per_elem"], tr["fwdbwd_bytes_per_elem"]
-                gf, gb = bf * n / t_f / 1e6, bb * n / t_fb / 1e6
-                ff = FLOOR_FWD * n / bw / 1e6 / t_f * 100
-                fbf = FLOOR_FB * n / bw / 1e6 / t_fb * 100
-                print(f"| {C} | {B} | {T} | {strategy} | {chunk} | {bf:.1f} | {tr['fwd_launches']} | "
-                      f"{t_f:.3f} | {gf:.0f} | {100 * gf / bw:.0f} | {ff:.0f} | {bb:.1f} | "
-                      f"{tr['fwdbwd_launches']} | {t_fb:.3f} | {gb:.0f} | {100 * gb / bw:.0f} | "
-                      f"{fbf:.0f} |", flush=True)
-            del w, u, k, v, gy
+            params = [x.clone().requires_grad_() for x in (w, u, k, v)]
+            fwd, fb = timed_calls(params, gy)
+            try:
+                fb()
+                t_f = timeit(fwd, dev, args.rep)
+                t_fb = timeit(fb, dev, args.rep)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                print(f"| {C} | {B} | {T} | OOM |" + " |" * 11)
+                continue
+            tr = traffic(B, T, C, dtype, backward=True)
+            bf, bb = tr["fwd_bytes_per_elem"], tr["fwdbwd_bytes_per_elem"]
+            gf, gb = bf * n / t_f / 1e6, bb * n / t_fb / 1e6
+            ff = FLOOR_FWD * n / bw / 1e6 / t_f * 100
+            fbf = FLOOR_FB * n / bw / 1e6 / t_fb * 100
+            print(f"| {C} | {B} | {T} | {bf:.1f} | {tr['fwd_launches']} | {t_f:.3f} | {gf:.0f} | "
+                  f"{100 * gf / bw:.0f} | {ff:.0f} | {bb:.1f} | {tr['fwdbwd_launches']} | "
+                  f"{t_fb:.3f} | {gb:.0f} | {100 * gb / bw:.0f} | {fbf:.0f} |", flush=True)
+            del w, u, k, v, gy, params
             torch.cuda.empty_cache()
 
 
@@ -132,21 +120,18 @@ def cpu_main(args, dtype):
     print(f"# Bi-WKV4 on CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads); "
           f"torch {torch.__version__}; dtype {args.dtype}")
     print("No GPU: the Triton kernels are timed only on a GPU (bench/gpu_check.sh). Their traffic "
-          "model (bytes per element from the kernels' loads and stores; heuristic chunk for a "
-          "132-SM GPU):\n")
-    print("| C | B | T | strategy | chunk | fwd B/el | fwd launches | f+b B/el | f+b launches |")
+          "model (bytes per element from the kernels' loads and stores, units of a tile as "
+          "HPCM's w gives; scratch: the carry kernel's segment rows):\n")
+    print("| C | B | T | fwd B/el | fwd scratch | fwd launches | f+b B/el | f+b scratch | f+b launches |")
     print("|---|---|---|---|---|---|---|---|---|")
     cpu = torch.device("cpu")
     for C in [int(c) for c in args.C.split(",")]:
         for B, T in shapes(args.quick):
-            s, ch = choose_strategy(B, T, C, dtype, cpu, n_sm=132)
-            for strategy, chunk in [("sequential", T)] + ([("chunked", ch if ch < T else max(64, T // 4))]
-                                                           if T > 64 else []):
-                tr = traffic(B, T, C, dtype, strategy, chunk, backward=True)
-                mark = " (heuristic)" if strategy == s else ""
-                print(f"| {C} | {B} | {T} | {strategy}{mark} | {chunk} | {tr['fwd_bytes_per_elem']:.1f} | "
-                      f"{tr['fwd_launches']} | {tr['fwdbwd_bytes_per_elem']:.1f} | "
-                      f"{tr['fwdbwd_launches']} |")
+            tr = traffic(B, T, C, dtype, backward=True)
+            print(f"| {C} | {B} | {T} | {tr['fwd_bytes_per_elem']:.1f} | "
+                  f"{tr['fwd_scratch_per_elem']:.2f} | {tr['fwd_launches']} | "
+                  f"{tr['fwdbwd_bytes_per_elem']:.1f} | {tr['fwdbwd_scratch_per_elem']:.2f} | "
+                  f"{tr['fwdbwd_launches']} |")
     print(f"\nCPU backends ({torch.get_num_threads()} threads; cpu: C kernels, torch: PyTorch scan):\n")
     print("| backend | C | B | T | fwd ms | fwd+bwd ms |")
     print("|---|---|---|---|---|---|")
@@ -155,12 +140,7 @@ def cpu_main(args, dtype):
             w, u, k, v, gy = inputs(B, T, C, dtype, cpu)
             params = [x.clone().requires_grad_() for x in (w, u, k, v)]
             for backend in ("cpu", "torch"):
-                def fwd(params=params, backend=backend):
-                    with torch.no_grad():
-                        biwkv4(*params, backend=backend)
-
-                def fb(params=params, gy=gy, backend=backend):
-                    torch.autograd.grad(biwkv4(*params, backend=backend), params, gy)
+                fwd, fb = timed_calls(params, gy, backend)
                 print(f"| {backend} | {C} | {B} | {T} | {timeit(fwd, cpu, args.rep):.2f} | "
                       f"{timeit(fb, cpu, args.rep):.2f} |")
 

@@ -2,10 +2,13 @@
 
 Subcommands: demo (the default), compress, decompress, train, export, evaluate, info.
 User errors (missing or unreadable files, corrupted or foreign bitstreams, bad checkpoints,
-bad arguments) print one line on stderr and exit with status 2; outputs are written
-atomically, never over an existing file without ``--force`` and never over an input. Ctrl-C
+bad arguments, images above ``--max-pixels``) print one line on stderr and exit with status 2;
+outputs are checked before any work and written atomically, never over an existing file
+without ``--force``, never over an input, and never over anything but a regular file. Ctrl-C
 (SIGINT) or SIGTERM ends the whole command at once with status 130 (143), no traceback and no
-partial file; the decode worker dies with it.
+partial file; the decode worker dies with it (``train`` first finishes its step and saves a
+checkpoint). A reader that goes away (``hpcm-triton info f.hpcm | head``) ends the command
+quietly, as it ends other Unix tools.
 
 Only argparse and torch-free constants are imported up front: ``--help``, ``--version`` and
 argument errors answer without loading torch.
@@ -21,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from .defaults import BUNDLED_PHOTOS, DEFAULT_MAX_PIXELS
+from .defaults import BUNDLED_PHOTOS, DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES
 from .models.config import MODEL_NAMES, SIZES
 from .study import args as study_args
 from .training import args as train_args
@@ -48,10 +51,25 @@ def _note(msg: str) -> None:
     print(f"{PROG}: note: {msg}", file=sys.stderr)
 
 
-def _check_output(path: str, force: bool = False, inputs=()) -> Path:
+def _check_output(path: str, force: bool = False, inputs=(), suffixes=None) -> Path:
     from .outputs import check_output
 
-    return check_output(path, force=force, inputs=[i for i in inputs if i])
+    return check_output(path, force=force, inputs=[i for i in inputs if i], suffixes=suffixes)
+
+
+def _check_max_pixels(args) -> None:
+    if args.max_pixels is not None and args.max_pixels < 1:
+        raise UserError(f"--max-pixels {args.max_pixels}: must be positive")
+
+
+def _write_hpcm(path: Path, name: str, model, comp: dict, force: bool) -> int:
+    """Write a .hpcm file the command line's way: without ``force``, only as a new file."""
+    from . import bitstream
+    from .outputs import atomic_write_bytes
+
+    data = bitstream.to_bytes(name, model, comp)
+    atomic_write_bytes(path, data, exclusive=not force)
+    return len(data)
 
 
 def _check_device(device: str) -> str:
@@ -113,14 +131,13 @@ def cmd_demo(args) -> int:
 
     from . import bitstream
     from . import images as im
-    from .outputs import track, untrack
+    from .outputs import check_output_folder, track, untrack
     from .progress import progress
 
     _check_device(args.device)
-    keep = Path(args.keep) if args.keep else None
-    if keep is not None and keep.exists() and not keep.is_dir():
-        raise UserError(f"--keep {keep}: exists and is not a directory")
-    label, x = im.resolve_image(args.image, report=_note)
+    _check_max_pixels(args)
+    keep = check_output_folder(args.keep) if args.keep else None
+    label, x = im.resolve_image(args.image, report=_note, max_pixels=args.max_pixels)
     stem = label.rsplit('.', 1)[0]
     if keep is not None and keep.is_dir():
         for name in args.models:
@@ -148,7 +165,7 @@ def cmd_demo(args) -> int:
             path = out_dir / f"{stem}.{name}.hpcm"
             t0 = time.perf_counter()
             comp = model.compress(x)
-            bitstream.write(path, name, model, comp)
+            _write_hpcm(path, name, model, comp, args.force)
             t1 = time.perf_counter()
             x_hat = bitstream.decode(path, model, name)
             t2 = time.perf_counter()
@@ -184,34 +201,37 @@ def cmd_demo(args) -> int:
 
 # ---------------------------------------------------------------- compress / decompress
 def _check_input_file(path: str, what: str = "file") -> None:
-    p = Path(path)
-    if p.is_dir():
-        raise UserError(f"{path}: is a directory, expected a {what}")
-    if not p.is_file():
-        raise UserError(f"{path}: no such file" + ("" if p.exists() else f" (expected {what})"))
+    from .outputs import input_kind
+
+    why = input_kind(path)
+    if why == "no such file":
+        raise UserError(f"{path}: no such file (expected {what})")
+    if why:
+        raise UserError(f"{path}: {why}, expected {'an' if what[0] in 'aeiou.' else 'a'} {what}")
 
 
 def cmd_compress(args) -> int:
-    if os.path.exists(args.input) or args.input not in BUNDLED_PHOTOS:
+    if os.path.lexists(args.input) or args.input not in BUNDLED_PHOTOS:
         _check_input_file(args.input, "image file")
     out = _check_output(args.output, args.force, [args.input])
     if args.threads is not None and not 1 <= args.threads <= 256:
         raise UserError(f"--threads {args.threads}: must be between 1 and 256")
+    _check_max_pixels(args)
     _check_device(args.device)
 
     import torch
 
-    from . import bitstream
     from . import images as im
 
-    _, x = im.resolve_image(args.input, report=_note)  # a file, or a bundled photo name
+    # a file, or a bundled photo name; an image over --max-pixels is refused from its header
+    _, x = im.resolve_image(args.input, report=_note, max_pixels=args.max_pixels)
     if min(x.shape[-2:]) < 64:
         raise UserError(f"{args.input}: image is {x.shape[-2]}×{x.shape[-1]} (height×width), the models need at "
                         "least 64×64")
     model, name = _model(args.model, args.size, args.checkpoint, args.device)
     t0 = time.perf_counter()
     comp = model.compress(x.to(args.device), threads=torch.get_num_threads() if args.threads is None else args.threads)
-    n = bitstream.write(out, name, model, comp)
+    n = _write_hpcm(out, name, model, comp, args.force)
     dt = time.perf_counter() - t0
     H, W = x.shape[-2:]
     print(f"{args.input} ({H}×{W}, height×width) → {out}: {n:,} bytes, {8 * n / (H * W):.4f} bpp, {name}"
@@ -222,9 +242,8 @@ def cmd_compress(args) -> int:
 
 def cmd_decompress(args) -> int:
     _check_input_file(args.input, ".hpcm file")
-    out = _check_output(args.output, args.force, [args.input])
-    if args.max_pixels is not None and args.max_pixels < 1:
-        raise UserError(f"--max-pixels {args.max_pixels}: must be positive")
+    out = _check_output(args.output, args.force, [args.input], suffixes=IMAGE_SUFFIXES)
+    _check_max_pixels(args)
     from . import bitstream  # no torch yet: a hostile header is refused before ~0.9 GB of imports
 
     info = bitstream.read(args.input, max_pixels=args.max_pixels)
@@ -248,7 +267,7 @@ def cmd_decompress(args) -> int:
     with torch.no_grad():
         x_hat = bitstream.decompress(info, model)
     dt = time.perf_counter() - t0
-    im.save_image(x_hat.cpu(), out)
+    im.save_image(x_hat.cpu(), out, exclusive=not args.force)
     H, W = info["image_size"]
     print(f"{args.input} → {out} ({H}×{W}, height×width, 8-bit RGB), {name}, {dt:.2f} s")
     return 0
@@ -292,7 +311,7 @@ def cmd_evaluate(args) -> int:
         return 0
     res = evaluate(args.checkpoints or None, model_name=args.model, size=args.size, data=args.data,
                    out_dir=args.out, name=args.name, device=args.device, max_images=args.max_images,
-                   anchor_files=args.anchor or ())
+                   anchor_files=args.anchor or (), max_pixels=args.max_pixels, exclusive=not args.force)
     if not args.checkpoints:
         print(UNTRAINED_NOTE)
     r = res["results"]
@@ -326,16 +345,17 @@ def cmd_study(args) -> int:
 def _check_evaluate_outputs(args) -> None:
     """evaluate writes EVALUATE_OUTPUTS in OUT: refuse to replace them
     without --force, and refuse an OUT that is an input (the data folder, a checkpoint)."""
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a directory")
+    from .outputs import check_output_folder
+
+    out = check_output_folder(args.out)
     inputs = [args.data, *(args.checkpoints or [])]
     for i in inputs:
-        if i and Path(i).exists() and Path(i).resolve() == out.resolve():
+        if i and Path(i).exists() and os.path.realpath(i) == os.path.realpath(out):
             raise UserError(f"--out {out}: is the input {i}; choose another folder")
     if out.is_dir():
         for f in EVALUATE_OUTPUTS:
             _check_output(out / f, args.force, inputs)
+    _check_max_pixels(args)
     _check_device(args.device)
 
 
@@ -420,6 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tiny: small test widths (fast on CPU); full: the official widths")
         device(sp)
 
+    def max_pixels(sp, what):
+        sp.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help=f"refuse {what} more pixels than this, read from the header before any decoding "
+                             "(bounds memory; 8K UHD by default)")
+
     def force(sp, what="the output file"):
         sp.add_argument("--force", action="store_true",
                         help=f"replace {what} if it exists (an input is never overwritten)")
@@ -434,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--size", default=DEMO_DEFAULT_SIZE, choices=SIZES,
                    help="model widths: tiny (test widths, fast) or full (official)")
     device(d)
+    max_pixels(d, "an image with")
     d.add_argument("--keep", metavar="DIR", help="keep the .hpcm files in DIR (default: a temporary folder, "
                    "removed at the end)")
     force(d, "existing .hpcm files in --keep DIR")
@@ -449,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the coding path, recorded in the file; the decoder uses the same "
                         "count (default: torch's, i.e. OMP_NUM_THREADS or the number of cores)")
+    max_pixels(c, "an image with")
     force(c)
     c.set_defaults(func=cmd_compress)
 
@@ -460,8 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--checkpoint", help="the checkpoint that compressed the file (default: the seeded model "
                    "the file names)")
     device(x)
-    x.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help="refuse files whose images hold more pixels than this (bounds memory; 8K UHD by default)")
+    max_pixels(x, "a file whose images hold")
     force(x)
     x.set_defaults(func=cmd_decompress)
 
@@ -479,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only compute BD-rates (PSNR, MS-SSIM) of one results file against another")
     e.add_argument("--data", default=None, help="a folder of images (default: the bundled photos)")
     e.add_argument("--max-images", type=int, default=None, help="evaluate at most this many images")
+    max_pixels(e, "an image of --data with")
     e.add_argument("--name", default=None, help="the name in results.json (default: the model's)")
     e.add_argument("--out", default="runs/eval", help="folder for " + ", ".join(EVALUATE_OUTPUTS))
     force(e, "the files evaluate writes in --out (" + ", ".join(EVALUATE_OUTPUTS) + ")")
@@ -498,9 +525,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-PRECHECKS = {"evaluate": _check_evaluate_outputs}
-# Commands whose own code handles KeyboardInterrupt (a training run may want to save): they get
-# Python's default SIGINT behaviour; main() still turns it into exit 130 without a traceback.
+def _check_train_out(args) -> None:
+    """train writes in OUT: a folder it can make or write, checked before the work."""
+    from .outputs import check_output_folder
+
+    check_output_folder(args.out)
+
+
+PRECHECKS = {"evaluate": _check_evaluate_outputs, "train": _check_train_out}
+# Commands whose own code handles interrupts (a training run saves a checkpoint): they get
+# Python's default SIGINT behaviour and SIGTERM as outputs.Interrupted; main() turns either into
+# exit 130 (143) and one line, without a traceback.
 GRACEFUL = ("train", "export")
 
 
@@ -555,25 +590,63 @@ def _announce_kernel_builds() -> None:
         log.setLevel(logging.INFO)
 
 
+def _terminate_as_interrupt() -> None:
+    """For the GRACEFUL commands: SIGTERM raises Interrupted as Ctrl-C raises KeyboardInterrupt,
+    so that their own handlers and clean-ups run (the training loop installs its own)."""
+    from .outputs import Interrupted
+
+    def handler(signum, _frame):
+        raise Interrupted(signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
+def _reader_gone() -> bool:
+    """Whether standard output is a pipe or socket whose reader has gone (poll reports an error
+    or hang-up; where poll is missing, assumed)."""
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return True
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line. Called without ``argv`` (as the program), interrupts end the process
-    directly (see :func:`_exit_on_signals`); called with ``argv`` (tests, scripts), Ctrl-C
-    raises KeyboardInterrupt inside and returns 130."""
+    directly (see :func:`_exit_on_signals`; ``train`` and ``export`` get SIGTERM as an exception,
+    like Ctrl-C); called with ``argv`` (tests, scripts), Ctrl-C raises KeyboardInterrupt inside
+    and returns 130."""
     as_program = argv is None
     argv = sys.argv[1:] if as_program else argv
     try:
         parser = build_parser()
         args = parser.parse_args(_command(list(argv), parser.commands))
-        if as_program and args.command not in GRACEFUL:
-            _exit_on_signals()
+        if as_program:
+            if args.command in GRACEFUL:
+                _terminate_as_interrupt()
+            else:
+                _exit_on_signals()
         check = PRECHECKS.get(args.command)
         if check is not None:
             check(args)
         _announce_kernel_builds()
-        return args.func(args)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        rc = args.func(args)
+        sys.stdout.flush()  # a reader that went away shows here, not in the interpreter's last flush
+        return rc
+    except KeyboardInterrupt as e:  # Ctrl-C, or Interrupted: SIGTERM, or a training run that saved and stopped
+        print(f"{PROG}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
+        return 128 + getattr(e, "signum", signal.SIGINT)
+    except BrokenPipeError as e:
+        if not _reader_gone():
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return 2
+        if as_program:  # nowhere to write the rest: let the interpreter's last flush go to /dev/null
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE  # quietly, with the status of a Unix tool that SIGPIPE ended
     except Exception as e:
         if not _is_user_error(e):
             raise

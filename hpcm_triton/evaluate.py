@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -25,6 +24,7 @@ import torch
 
 from . import bitstream
 from . import images as im
+from .defaults import DEFAULT_MAX_PIXELS
 
 RESULT_KEYS = ("bpp", "bpp-file", "psnr-rgb", "ms-ssim-rgb", "encoding_time", "decoding_time")
 VTM_LABEL = "VTM (CompressAI Kodak)"
@@ -195,8 +195,9 @@ def _number(v) -> bool:
 
 
 # ---------------------------------------------------------------- plots
-def plot_rd(results: dict, path: str | os.PathLike, data_label: str) -> None:
-    """RD plot: our points against the published Kodak curves."""
+def plot_rd(results: dict, path: str | os.PathLike, data_label: str, *, exclusive: bool = False) -> None:
+    """RD plot: our points against the published Kodak curves (``exclusive``: see
+    :func:`hpcm_triton.outputs.atomic_write`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -220,7 +221,7 @@ def plot_rd(results: dict, path: str | os.PathLike, data_label: str) -> None:
     fig.tight_layout()
     from .outputs import atomic_write
 
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), exclusive=exclusive)
     plt.close(fig)
 
 
@@ -228,7 +229,8 @@ def plot_rd(results: dict, path: str | os.PathLike, data_label: str) -> None:
 def evaluate(checkpoints: list | None = None, model_name: str | None = None, size: str = "tiny",
              data: str | os.PathLike | None = None, out_dir: str | os.PathLike = "runs/eval",
              name: str | None = None, description: str | None = None, device: str = "cpu",
-             max_images: int | None = None, progress: bool = True, anchor_files=()) -> dict:
+             max_images: int | None = None, progress: bool = True, anchor_files=(),
+             max_pixels: int | None = DEFAULT_MAX_PIXELS, exclusive: bool = False) -> dict:
     """Evaluate each checkpoint (or, with none, the seeded untrained ``model_name`` at ``size``)
     on ``data`` (a folder, or None for the bundled photos).
 
@@ -238,20 +240,26 @@ def evaluate(checkpoints: list | None = None, model_name: str | None = None, siz
 
     Writes in ``out_dir``: ``results.json`` (CompressAI schema, one point per checkpoint, numbers
     only), ``per_image.json``, ``bd_rate.json`` (against the published anchors and each of
-    ``anchor_files``), ``rd.png`` and ``evaluate.log`` (every value left out, and why).
+    ``anchor_files``), ``rd.png`` and ``evaluate.log`` (every value left out, and why); with
+    ``exclusive``, only as new files (see :func:`hpcm_triton.outputs.atomic_write`). An image
+    of ``data`` with more than ``max_pixels`` pixels (None: no bound) is refused from its
+    header before any is decoded.
     """
     from .models.seeded import seeded_model
     from .models.zoo import load_checkpoint
-    from .outputs import atomic_write_bytes
+    from .outputs import atomic_write_bytes, temporary_folder
     from .progress import progress as show_progress
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if data is None or str(data) == "bundled":
         imgs = [(n, im.bundled(n)) for n in im.bundled_names()]
         data_label = "bundled photos: " + ", ".join(n for n, _ in imgs)
     else:
-        imgs = [(p.name, im.load_image(p)) for p in im.image_files(data)]
+        files = im.image_files(data)
+        for p in files:  # every header before any pixels: a refused image costs no decoding
+            H, W = im.image_size(p)
+            im.check_pixels(p, H, W, max_pixels)
+        imgs = [(p.name, im.load_image(p, max_pixels=max_pixels)) for p in files]
         data_label = f"{len(imgs)} images from {data}"
     if max_images:
         imgs = imgs[:max_images]
@@ -261,7 +269,7 @@ def evaluate(checkpoints: list | None = None, model_name: str | None = None, siz
     log: list[str] = []
 
     points, per_image, run_name = [], [], None
-    with tempfile.TemporaryDirectory(prefix="hpcm-eval-") as tmp:
+    with temporary_folder("hpcm-eval-") as tmp:  # removed also when SIGINT/SIGTERM end the command
         for ck in runs:
             if ck is None:
                 mname = (model_name or "phase3").lower()
@@ -310,14 +318,16 @@ def evaluate(checkpoints: list | None = None, model_name: str | None = None, siz
     for label, why in unavailable_anchors().items():
         log.append(f"vs {label}: not computed: {why}")
 
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails earlier leaves nothing behind
+
     def write_json(fname, obj):
-        atomic_write_bytes(out_dir / fname, json.dumps(obj, indent=2, allow_nan=False).encode())
+        atomic_write_bytes(out_dir / fname, json.dumps(obj, indent=2, allow_nan=False).encode(), exclusive=exclusive)
 
     write_json("results.json", out)
     write_json("per_image.json", per_image)
     write_json("bd_rate.json", {"test": out["name"], "bd_rate_percent": bd})
-    atomic_write_bytes(out_dir / "evaluate.log", "".join(line + "\n" for line in log).encode())
-    plot_rd(out, out_dir / "rd.png", data_label)
+    atomic_write_bytes(out_dir / "evaluate.log", "".join(line + "\n" for line in log).encode(), exclusive=exclusive)
+    plot_rd(out, out_dir / "rd.png", data_label, exclusive=exclusive)
     files = {k: str(out_dir / f) for k, f in (("results", "results.json"), ("per_image", "per_image.json"),
                                               ("bd_rate", "bd_rate.json"), ("log", "evaluate.log"),
                                               ("plot", "rd.png"))}

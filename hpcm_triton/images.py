@@ -10,9 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .defaults import BUNDLED_PHOTOS
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
+from .defaults import BUNDLED_PHOTOS, DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES
 
 
 def _skimage(name: str):
@@ -146,34 +144,119 @@ def _png16_colour(path: Path) -> np.ndarray:
     return (a[:3].permute(1, 2, 0).to(torch.float64) / 65535.0).to(torch.float32).numpy()
 
 
-def load_image(path: str | os.PathLike, report=None) -> torch.Tensor:
-    """Read an image file (PNG, JPEG, … via Pillow; 16-bit colour PNG via torchvision) →
-    (1, 3, H, W) float32 in [0, 1].
+# EXIF orientation (tag 0x0112) → how the stored pixels are turned into what viewers show:
+# (transpose, quarter turns counter-clockwise, then mirror left-right), as Pillow's
+# ImageOps.exif_transpose turns them.
+_ORIENTATIONS = {2: (False, 0, True, "mirrored left-right"), 3: (False, 2, False, "turned 180°"),
+                 4: (False, 2, True, "flipped upside down"), 5: (True, 0, False, "transposed"),
+                 6: (False, 3, False, "turned 90° clockwise"), 7: (True, 2, False, "transversed"),
+                 8: (False, 1, False, "turned 90° counter-clockwise")}
 
-    Any bit depth and mode Pillow reads is converted (see :func:`_pixels`); ``report(msg)`` is
-    called once with what was converted, if anything. Raises FileNotFoundError for a missing
-    file and ValueError for a file that is not a readable image or has an unsupported mode.
-    """
-    from PIL import Image, UnidentifiedImageError
+
+def _orientation(im) -> int:
+    try:
+        value = im.getexif().get(0x0112, 1)
+    except Exception:  # a damaged EXIF block: the pixels are still usable as stored
+        return 1
+    return value if value in _ORIENTATIONS else 1
+
+
+def _orient(a: np.ndarray, orientation: int) -> np.ndarray:
+    """(H, W, C) pixels as stored → as shown, for an EXIF orientation of 2..8."""
+    transpose, turns, flip, _ = _ORIENTATIONS[orientation]
+    if transpose:
+        a = a.transpose(1, 0, 2)
+    a = np.rot90(a, turns)
+    return a[:, ::-1] if flip else a
+
+
+def check_pixels(path, height: int, width: int, max_pixels: int | None) -> None:
+    """Raise ValueError for an image of more than ``max_pixels`` pixels (None: no bound)."""
+    if max_pixels is not None and width * height > max_pixels:
+        raise ValueError(f"{path}: image is {height}×{width} (height×width) = {width * height:,} pixels, more than "
+                         f"the limit of {max_pixels:,}; refused before decoding it (pass --max-pixels to allow it)")
+
+
+_UNREADABLE = (OSError, SyntaxError, RuntimeError)  # what Pillow raises on a damaged or foreign file
+
+
+def _image_file(path: Path) -> None:
+    """Raise FileNotFoundError for a missing ``path``, ValueError for one that is not a regular
+    file (a FIFO would block the read, a device would never end it)."""
+    from .outputs import input_kind
+
+    why = input_kind(path)
+    if why == "no such file":
+        raise FileNotFoundError(f"{path}: no such file")
+    if why:
+        raise ValueError(f"{path}: {why}, expected an image file")
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(H, W) of an image file, from its header alone (no pixels are decoded). Raises like
+    :func:`load_image`."""
+    from PIL import Image
 
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
-    if path.is_dir():
-        raise ValueError(f"{path}: is a directory, expected an image file")
+    _image_file(path)
+    old, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # the header only: nothing to bound yet
     try:
         with Image.open(path) as im:
+            w, h = im.size
+    except _UNREADABLE as e:
+        raise ValueError(f"{path}: not a readable image ({e.__class__.__name__}: {e})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+    return h, w
+
+
+def load_image(path: str | os.PathLike, report=None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """Read an image file (PNG, JPEG, … via Pillow; 16-bit colour PNG via torchvision) →
+    (1, 3, H, W) float32 in [0, 1], turned as its EXIF orientation says.
+
+    Any bit depth and mode Pillow reads is converted (see :func:`_pixels`); ``report(msg)`` is
+    called once with what was converted or turned, if anything. An image of more than
+    ``max_pixels`` pixels (None: no bound) is refused from its header, before its pixels are
+    decoded; Pillow's decompression-bomb limit is set to the same bound. Raises
+    FileNotFoundError for a missing file and ValueError for anything else that is not a
+    readable regular image file (a FIFO, a device, a directory), an unsupported mode, or an
+    image over the bound.
+    """
+    import warnings
+
+    from PIL import Image
+
+    path = Path(path)
+    _image_file(path)
+    old_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the bound is checked below
+            try:
+                im = Image.open(path)
+            except Image.DecompressionBombError:  # more than twice the bound: say by how much
+                check_pixels(path, *image_size(path), max_pixels)
+                raise
+        with im:
+            check_pixels(path, *im.size[::-1], max_pixels)
             im.load()
+            orientation = _orientation(im)
             if im.format == "PNG" and im.mode in ("RGB", "RGBA") and _png_header(path) in ((16, 2), (16, 6)):
                 pixels = _png16_colour(path)
                 notes = ["16-bit colour, scaled from 0..65535" + ("; alpha channel dropped" if im.mode == "RGBA"
                                                                   else "")]
             else:
                 pixels, notes = _pixels(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, RuntimeError) as e:
+    except (*_UNREADABLE, Image.DecompressionBombError) as e:
         raise ValueError(f"{path}: not a readable image ({e.__class__.__name__}: {e})") from None
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise ValueError(e if str(e).startswith(f"{path}: ") else f"{path}: {e}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = old_limit
+    if orientation != 1:
+        pixels = _orient(pixels, orientation)
+        notes.append(f"EXIF orientation {orientation} applied ({_ORIENTATIONS[orientation][3]})")
     if notes and pixels.dtype != np.uint8:
         notes.append("the decoded image will be 8-bit RGB")
     if report is not None and notes:
@@ -184,10 +267,10 @@ def load_image(path: str | os.PathLike, report=None) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))[None].contiguous()
 
 
-def resolve_image(spec: str, report=None) -> tuple[str, torch.Tensor]:
-    """An existing file path, else a bundled photo name → (label, image)."""
-    if os.path.exists(spec) or spec not in BUNDLED:
-        return Path(spec).name, load_image(spec, report)
+def resolve_image(spec: str, report=None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[str, torch.Tensor]:
+    """An existing file path, else a bundled photo name → (label, image); see :func:`load_image`."""
+    if os.path.lexists(spec) or spec not in BUNDLED:
+        return Path(spec).name, load_image(spec, report, max_pixels)
     return spec, bundled(spec)
 
 
@@ -202,8 +285,9 @@ def image_files(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
-def save_image(x: torch.Tensor, path: str | os.PathLike) -> None:
-    """Save a (1, 3, H, W) or (3, H, W) image in [0, 1] (8-bit rounded); format from the suffix."""
+def save_image(x: torch.Tensor, path: str | os.PathLike, *, exclusive: bool = False) -> None:
+    """Save a (1, 3, H, W) or (3, H, W) image in [0, 1] (8-bit rounded); format from the suffix.
+    ``exclusive``: see :func:`hpcm_triton.outputs.atomic_write`."""
     import io
 
     from PIL import Image
@@ -220,7 +304,7 @@ def save_image(x: torch.Tensor, path: str | os.PathLike) -> None:
     Image.fromarray(a, "RGB").save(buf, format=fmt)
     from .outputs import atomic_write_bytes
 
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue(), exclusive=exclusive)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

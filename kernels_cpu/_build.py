@@ -7,6 +7,18 @@ version and the CPU's feature flags, so a shared home directory never hands one 
 library built for another. Concurrent first uses (test workers, several CLI processes) wait on a
 file lock and build once; the library is written to a temporary name and renamed into place.
 
+Loading a library runs its code, so a library is loaded only from a folder no one else can
+have written: the folder (created 0700) must be owned by this user and not writable by group or
+others, every folder above it owned by this user or root and not writable by group or others
+(unless sticky, as /tmp is), and the library a regular file owned by this user without group or
+world write. A cache folder that cannot be written, or that fails the checks (one logged line
+naming it), is replaced by a per-user one in the temporary folder under the same checks, and
+failing that by a fresh private temporary folder (removed once the library is loaded). A cached
+library that fails them is refused the same way, and the kernels are built in a fresh private
+temporary folder. A cached library that does not load or lacks the expected symbols is rebuilt
+once; if that fails too, the kernels are unavailable with the reason (backend "auto" then warns
+and uses the pure-PyTorch scan).
+
 Environment:
     CC                       compiler (default: cc, then gcc, clang)
     HPCM_TRITON_CACHE        cache root (default: ~/.cache/hpcm_triton)
@@ -25,6 +37,7 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -84,16 +97,101 @@ def _key(cc: str, flags: list[str]) -> str:
     return h.hexdigest()[:20]
 
 
-def _writable_dir(path: Path) -> Path:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".probe", delete=True)
-        probe.close()
-        return path
-    except OSError:
-        alt = Path(tempfile.gettempdir()) / f"hpcm_triton-{getattr(os, 'getuid', lambda: 0)()}" / "cpu_kernels"
-        alt.mkdir(parents=True, exist_ok=True)
-        return alt
+def _uid() -> int | None:
+    """This process's user id; None where files have no POSIX owner (nothing to check there)."""
+    return os.getuid() if hasattr(os, "getuid") else None
+
+
+def _writers(mode: int) -> str:
+    return {0o022: "group and others", 0o020: "group", 0o002: "others"}[mode & 0o022]
+
+
+def _check_folder(d: Path) -> str | None:
+    """Why no code may be loaded from the folder ``d`` (a resolved path), or None: it must be
+    owned by this user and not writable by group or others, and so must every folder above it
+    (owned by this user or root; writable by others only with the sticky bit, as /tmp is)."""
+    uid = _uid()
+    if uid is None:
+        return None
+    for i, a in enumerate((d, *d.parents)):
+        st = os.stat(a)
+        owners = (uid,) if i == 0 else (uid, 0)
+        if not stat.S_ISDIR(st.st_mode):
+            return f"{a}: not a folder"
+        if st.st_uid not in owners:
+            return f"{a}: owned by uid {st.st_uid}, not by this user (uid {uid})"
+        if st.st_mode & 0o022 and not (i > 0 and st.st_mode & stat.S_ISVTX):
+            return f"{a}: writable by {_writers(st.st_mode)} (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def _check_library(lib: Path) -> str | None:
+    """Why the cached library ``lib`` may not be loaded, or None: it must be a regular file (not
+    a link) owned by this user and not writable by group or others."""
+    uid = _uid()
+    if uid is None:
+        return None
+    st = os.lstat(lib)
+    if not stat.S_ISREG(st.st_mode):
+        return f"{lib}: not a regular file"
+    if st.st_uid != uid:
+        return f"{lib}: owned by uid {st.st_uid}, not by this user (uid {uid})"
+    if st.st_mode & 0o022:
+        return f"{lib}: writable by {_writers(st.st_mode)} (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+class _Untrusted(CPUKernelUnavailable):
+    """A cache folder or library that someone other than this user could have written."""
+
+
+class _Folder:
+    """Where the library is built and loaded from: a checked cache folder, or a fresh private
+    temporary one (``temporary``: removed by :meth:`discard`, once the library is loaded)."""
+
+    def __init__(self, path: Path, temporary: bool):
+        self.path, self.temporary = path, temporary
+
+    @classmethod
+    def private(cls) -> "_Folder":
+        return cls(Path(tempfile.mkdtemp(prefix="hpcm_triton-kernels-")), True)
+
+    @classmethod
+    def open(cls, want: Path) -> "_Folder":
+        """``want``, with each missing folder on its way created 0700, checked and probed for
+        writing. Raises OSError if it cannot be written, :class:`_Untrusted` if it is not
+        private to this user."""
+        for p in reversed([p for p in (want, *want.parents) if not p.exists()]):
+            try:
+                p.mkdir(mode=0o700)
+            except FileExistsError:
+                pass
+        d = Path(os.path.realpath(want))  # checked once, then used by its real path
+        why = _check_folder(d)
+        if why:
+            raise _Untrusted(why)
+        tempfile.NamedTemporaryFile(dir=d, prefix=".probe", delete=True).close()
+        return cls(d, False)
+
+    @classmethod
+    def cache(cls) -> "_Folder":
+        """The cache folder; if it cannot be written or is refused (one logged line), a per-user
+        one in the temporary folder under the same checks; failing both, a fresh private
+        temporary folder."""
+        fallback = Path(tempfile.gettempdir()) / f"hpcm_triton-{_uid() or 0}" / "cpu_kernels"
+        for want in (cache_root() / "cpu_kernels", fallback):
+            try:
+                return cls.open(want)
+            except _Untrusted as e:
+                log.warning("kernel cache %s: not used (no code is loaded from a folder others can write)", e)
+            except OSError as e:
+                log.debug("kernel cache %s: cannot be written (%s)", want, e.strerror or e)
+        log.info("building the CPU kernels in a private temporary folder")
+        return cls.private()
+
+    def discard(self) -> None:
+        if self.temporary:
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 def _compile(cc: str, flags: list[str], out: Path) -> None:
@@ -106,6 +204,7 @@ def _compile(cc: str, flags: list[str], out: Path) -> None:
     if r.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise CPUKernelUnavailable(f"{' '.join(cmd)} failed:\n{r.stderr.strip()[-2000:]}")
+    os.chmod(tmp, 0o755)  # whatever the umask: a library others can write is refused (_check_library)
     os.replace(tmp, out)
 
 
@@ -119,20 +218,24 @@ def _lock(f) -> None:
     fcntl.flock(f, fcntl.LOCK_EX)
 
 
-def _build() -> Path:
-    cc = _compiler()
-    d = _writable_dir(cache_root() / "cpu_kernels")
+def _build(cc: str, folder: _Folder, broken: Path | None = None) -> Path:
+    """The library in ``folder``, compiled if absent (or if it is ``broken``, a library that did
+    not load). Raises :class:`_Untrusted` for a cached library that fails the checks."""
     errors = []
     for arch in _arch_flags():
         key = _key(cc, arch)
-        lib = d / f"libbiwkv4-{key}.so"
-        if lib.exists():
-            return lib
-        with open(d / f".libbiwkv4-{key}.lock", "w") as lock:
+        lib = folder.path / f"libbiwkv4-{key}.so"
+        with open(folder.path / f".libbiwkv4-{key}.lock", "w") as lock:
             _lock(lock)   # another process may be building it right now
+            if broken == lib and lib.exists():
+                lib.unlink()
             if lib.exists():
+                why = _check_library(lib)
+                if why:
+                    raise _Untrusted(why)
                 return lib
-            log.info("compiling the CPU Bi-WKV4 kernels (once per machine, about 10 s) into %s", lib)
+            log.info("compiling the CPU Bi-WKV4 kernels (%s, about 10 s) into %s",
+                     "in every run until the cache is usable" if folder.temporary else "once per machine", lib)
             try:
                 _compile(cc, arch, lib)
                 return lib
@@ -144,7 +247,7 @@ def _build() -> Path:
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     P, I, D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
     if lib.biwkv4_cpu_abi() != ABI:
-        raise CPUKernelUnavailable("the cached CPU kernel library has another interface version")
+        raise CPUKernelUnavailable("another interface version")
     for sfx in ("f32", "f64"):
         fn = getattr(lib, f"biwkv4_chunk_len_{sfx}")
         fn.restype, fn.argtypes = I, [D, I]
@@ -155,16 +258,55 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
+def _open(lib: Path) -> ctypes.CDLL:
+    handle = None
+    try:
+        handle = ctypes.CDLL(str(lib))
+        return _declare(handle)
+    except (OSError, AttributeError, CPUKernelUnavailable) as e:  # not a library; lacks a symbol
+        if handle is not None:  # unloaded, or the dynamic loader hands it back for the rebuilt file's name
+            try:
+                import _ctypes
+
+                _ctypes.dlclose(handle._handle)
+            except (ImportError, AttributeError, OSError):
+                pass
+        detail = " ".join(str(e).split())[:300]
+        raise CPUKernelUnavailable(f"could not load the CPU kernel library {lib}: {detail}") from None
+
+
+def _load() -> ctypes.CDLL:
+    """Build (or find) the library and load it, by the rules of the module docstring."""
+    cc = _compiler()
+    folder = _Folder.cache()
+    try:
+        try:
+            lib = _build(cc, folder)
+        except _Untrusted as e:
+            log.warning("kernel library %s: not loaded; building the CPU kernels in a private temporary folder", e)
+            folder = _Folder.private()
+            lib = _build(cc, folder)
+        try:
+            return _open(lib)
+        except CPUKernelUnavailable as e:
+            log.warning("%s; rebuilding it", e)
+            first = str(e)
+        try:
+            return _open(_build(cc, folder, broken=lib))
+        except CPUKernelUnavailable as e:
+            raise CPUKernelUnavailable(f"{first}; rebuilding it failed: {e}") from None
+    finally:
+        folder.discard()  # a loaded library stays mapped after its file is removed
+
+
 @functools.lru_cache(maxsize=1)
 def _load_cached():
     if os.environ.get("HPCM_TRITON_CPU_KERNEL", "1") == "0":
         return None, "disabled by HPCM_TRITON_CPU_KERNEL=0"
     try:
-        return _declare(ctypes.CDLL(str(_build()))), None
+        return _load(), None
     except CPUKernelUnavailable as e:
         return None, str(e)
-    except OSError as e:   # a library that does not load (e.g. a foreign build in the cache)
-        return None, f"could not load the CPU kernel library: {e}"
 
 
 def load() -> ctypes.CDLL:

@@ -13,6 +13,18 @@ Forward: two passes over the tokens (carries, then y). Backward: two passes (car
 q = gy/D and r = gy*y/D, then gk, gv and the gw/gu sums, including the distance-weighted sums
 gw needs). Tasks run on ``torch.get_num_threads()`` threads; the results are bitwise the same
 for any thread count (no reduction crosses tasks but gw/gu over the batch, in a fixed order).
+
+What the backward needs (:func:`forward` with ``need_grad``, :func:`residual_specs`): the
+denominator of every token in its chunk's unit (B, T, C), the units of the N chunks (B, N, C),
+and y in the compute dtype when k's dtype is another. The chunk length L depends on max|w|
+(csrc/biwkv4_impl.h, ``biwkv4_chunk_len``: the longest power of two <= 64 and <= T with
+L |w| within the kernels' budget), but the residuals' shapes may depend only on the input
+shapes and dtypes (a fake tensor has no values). So the units are stored for the chunk length
+at w = 0, P(T) (:func:`unit_rows`: R = ceil(T / P(T)) rows), which is L whenever |w| leaves
+the longest chunks (HPCM's w = decay / T with |decay| <= 16 always does). When |w| forces
+shorter chunks (N > R), the forward stores zeros and the backward runs the forward again for
+den and the units: the same kernels on the same inputs, bitwise the same values, so the
+gradients do not depend on which case ran.
 """
 from __future__ import annotations
 
@@ -24,7 +36,8 @@ from reference.biwkv4 import _check
 from ._build import CPUKernelUnavailable, available, load, unavailable_reason
 
 __all__ = ["biwkv4_cpu", "BiWKV4CPUFunction", "available", "unavailable_reason",
-           "CPUKernelUnavailable"]
+           "CPUKernelUnavailable", "forward", "backward", "residual_specs", "compute_dtype",
+           "unit_rows"]
 
 _CB = 16                  # channels per task (csrc/biwkv4.c)
 _MIN_WORK = 1 << 15       # elements per thread below which extra threads cost more than they give
@@ -50,26 +63,84 @@ def _run(name: str, dtype: torch.dtype, *args) -> None:
         raise MemoryError("biwkv4_cpu: could not allocate the kernels' scratch memory")
 
 
-def _forward(w, u, k, v, need_grad: bool):
-    B, T, C = k.shape
-    L = int(_fn("chunk_len", k.dtype)(float(w.abs().max()), T))
-    y = torch.empty_like(k)
-    den = torch.empty_like(k) if need_grad else None
-    unit = k.new_empty(B, -(-T // L), C) if need_grad else None
-    _run("fwd", k.dtype, w, u, k, v, y, den, unit, B, T, C, L, _threads(B, T, C))
-    return y, den, unit, L
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float64 when any input is float64, else float32 (float16/bfloat16 compute in float32)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def _backward(w, u, k, v, y, den, unit, gy, L):
-    B, T, C = k.shape
-    gk = torch.empty_like(k)
-    gv = torch.empty_like(k)
+def unit_rows(T: int) -> int:
+    """Rows R of the stored units, from T alone: the number of chunks at the longest chunk
+    length T allows, P(T) = the kernels' chunk length at w = 0 (a power of two <= 64, <= T).
+    The actual chunk length is never longer, so N >= R, with N = R unless |w| shortens it."""
+    return -(-T // int(_fn("chunk_len", torch.float32)(0.0, int(T))))
+
+
+def _chunk_len(wc: torch.Tensor, T: int) -> int:
+    return int(_fn("chunk_len", wc.dtype)(float(wc.abs().max()), T))
+
+
+def residual_specs(B, T, C, dtypes) -> list:
+    """[(shape, dtype)] of the residuals :func:`forward` returns with ``need_grad``, from the
+    sizes and the dtypes of (w, u, k, v) alone: den (B, T, C), the units (B, R, C) (R:
+    :func:`unit_rows`), and y in the compute dtype when k's dtype is another."""
+    cdt = compute_dtype(*dtypes)
+    specs = [((B, T, C), cdt), ((B, unit_rows(T), C), cdt)]
+    if dtypes[2] != cdt:
+        specs.append(((B, T, C), cdt))
+    return specs
+
+
+def _converted(w, u, k, v):
+    """The inputs in the compute dtype, contiguous (the kernels read only their memory)."""
+    cdt = compute_dtype(w.dtype, u.dtype, k.dtype, v.dtype)
+    return [x if x.dtype == cdt and x.is_contiguous() else x.detach().to(cdt).contiguous()
+            for x in (w, u, k, v)]
+
+
+def forward(w, u, k, v, need_grad: bool):
+    """y in k's dtype and, with ``need_grad``, the residuals of :func:`residual_specs` (fresh
+    tensors, none of them y or an input); else ``()``."""
+    wc, uc, kc, vc = _converted(w, u, k, v)
+    B, T, C = kc.shape
+    L = _chunk_len(wc, T)
+    N = -(-T // L)
+    y = torch.empty_like(kc)
+    if not need_grad:
+        _run("fwd", kc.dtype, wc, uc, kc, vc, y, None, None, B, T, C, L, _threads(B, T, C))
+        return y.to(k.dtype), ()
+    den = torch.empty_like(kc)
+    unit = kc.new_empty(B, unit_rows(T), C)
+    if N == unit.shape[1]:
+        _run("fwd", kc.dtype, wc, uc, kc, vc, y, den, unit, B, T, C, L, _threads(B, T, C))
+    else:   # shorter chunks than the stored units allow: backward() recomputes den and units
+        _run("fwd", kc.dtype, wc, uc, kc, vc, y, None, None, B, T, C, L, _threads(B, T, C))
+        den.zero_()
+        unit.zero_()
+    extra = (y,) if k.dtype != kc.dtype else ()
+    return y.to(k.dtype), (den, unit) + extra
+
+
+def backward(w, u, k, v, y, residuals, gy):
+    """(gw, gu, gk, gv) in the dtypes of w, u, k, v, from the forward's inputs, its output y
+    and its ``residuals``; ``gy`` is the gradient of y."""
+    wc, uc, kc, vc = _converted(w, u, k, v)
+    B, T, C = kc.shape
+    den, unit = residuals[0], residuals[1]
+    yc = residuals[2] if len(residuals) > 2 else y
+    L = _chunk_len(wc, T)
+    N = -(-T // L)
+    if N != unit.shape[1]:   # see forward(): the units did not fit, run the forward again
+        yc, den, unit = torch.empty_like(kc), torch.empty_like(kc), kc.new_empty(B, N, C)
+        _run("fwd", kc.dtype, wc, uc, kc, vc, yc, den, unit, B, T, C, L, _threads(B, T, C))
+    gyc = gy.to(kc.dtype).contiguous()
+    gk = torch.empty_like(kc)
+    gv = torch.empty_like(kc)
     gw = torch.empty(C, dtype=torch.float64)
     gu = torch.empty(C, dtype=torch.float64)
     part = torch.empty(2, B, C, dtype=torch.float64)   # per-batch-row gw, gu before the sum
-    _run("bwd", k.dtype, w, u, k, v, y, den, unit, gy, gk, gv, gw, gu, part[0], part[1],
-         B, T, C, L, _threads(B, T, C))
-    return gw, gu, gk, gv
+    _run("bwd", kc.dtype, wc, uc, kc, vc, yc.contiguous(), den.contiguous(), unit, gyc, gk, gv,
+         gw, gu, part[0], part[1], B, T, C, L, _threads(B, T, C))
+    return gw.to(w.dtype), gu.to(u.dtype), gk.to(k.dtype), gv.to(v.dtype)
 
 
 class BiWKV4CPUFunction(torch.autograd.Function):
@@ -78,22 +149,17 @@ class BiWKV4CPUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, u, k, v, need_grad=True):
-        cdt = torch.float64 if torch.float64 in (w.dtype, u.dtype, k.dtype, v.dtype) else torch.float32
-        wc, uc, kc, vc = (x.detach().to(cdt).contiguous() for x in (w, u, k, v))
         need = bool(need_grad) and any(ctx.needs_input_grad[:4])
-        y, den, unit, L = _forward(wc, uc, kc, vc, need)
-        ctx.meta = (L, w.dtype, u.dtype, k.dtype, v.dtype)
+        y, res = forward(w, u, k, v, need)
         if need:
-            ctx.save_for_backward(wc, uc, kc, vc, y, den, unit)
-        return y.to(k.dtype)
+            ctx.save_for_backward(w, u, k, v, y, *res)
+        return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy):
-        wc, uc, kc, vc, y, den, unit = ctx.saved_tensors
-        L, wdt, udt, kdt, vdt = ctx.meta
-        gw, gu, gk, gv = _backward(wc, uc, kc, vc, y, den, unit, gy.to(kc.dtype).contiguous(), L)
-        return gw.to(wdt), gu.to(udt), gk.to(kdt), gv.to(vdt), None
+        w, u, k, v, y, *res = ctx.saved_tensors
+        return (*backward(w, u, k, v, y, res, gy), None)
 
 
 def biwkv4_cpu(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -1,17 +1,13 @@
-"""Sweep Bi-WKV4 strategies and kernel configs over HPCM shapes; write a JSON the dispatcher loads.
+"""Run triton.autotune for the Bi-WKV4 kernels on HPCM's shapes and report what it chose.
 
-    python -m kernels_triton.autotune [--C 640,960] [--T 16,64,...] [--B 1,8]
-                                      [--dtype fp32] [--chunks 64,128,256,512,1024]
-                                      [--json ~/.cache/hpcm_triton/biwkv4_autotune.json]
+    python -m kernels_triton.autotune [--C 640,960] [--T 16,64,...] [--B 1,8] [--dtype fp32]
 
-On a GPU: for every (C, T, B, dtype) times forward and forward+backward of the "sequential"
-strategy and of the "chunked" strategy at each chunk length (< T); the BT / BLOCK_C / warps /
-stages config of each kernel is picked by triton.autotune (keyed on C, the dtypes and the
-constexpr flags, never T or B) and reported. Prints a markdown table (shape, strategy, chunk, chosen fwd/bwd configs, times,
-achieved GB/s against the bytes that must move: k, v read and y written for the forward, plus
-gy read and gk, gv written for the backward) and writes the fastest strategy/chunk per shape
-to the JSON, which kernels_triton.ops.choose_strategy reads (nearest B, T entry of the same
-device, C and dtype).
+On a GPU: for every (C, T, B, dtype) one forward+backward makes each kernel's
+``triton.autotune`` time its configs (the key is C, a power-of-two bucket of T and the unit
+length); then forward and forward+backward are timed with the chosen configs, and a markdown
+table prints the config each kernel chose, the times and the bytes per element the kernels
+move (:func:`kernels_triton.ops.traffic`). The choice lives in the process (Triton's
+autotuner cache); nothing is written.
 
 Without a GPU: says so, checks the kernels under Triton's interpreter at small shapes against
 the float64 reference, and exits 0 (1 if a check fails).
@@ -19,32 +15,20 @@ the float64 reference, and exits 0 (1 if a check fails).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
-from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():
-    # must precede the (lazy) import of the kernel module
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from reference import biwkv4_naive
 
-from reference import biwkv4_naive  # noqa: E402
-
-from .ops import DEFAULT_TUNE_PATH, biwkv4, device_name  # noqa: E402
+from .ops import biwkv4, tile_config, traffic
 
 _DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
 def _ints(s):
     return [int(x) for x in s.split(",") if x]
-
-
-def _bytes(B, T, C, dtype, backward):
-    n = B * T * C * torch.empty((), dtype=dtype).element_size()
-    return n * (3 + (5 if backward else 0))
 
 
 def _inputs(B, T, C, dtype, device, seed=0):
@@ -59,16 +43,17 @@ def _inputs(B, T, C, dtype, device, seed=0):
 def _cpu_check() -> int:
     print("No GPU found: checking the Triton kernels under the interpreter at small shapes "
           "against the float64 reference (timings need a GPU).")
-    print("| B | T | C | dtype | strategy | chunk | max rel err y | max rel err grads | ok |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| B | T | C | dtype | tiles | max rel err y | max rel err grads | ok |")
+    print("|---|---|---|---|---|---|---|---|")
     bad = 0
-    for (B, T, C, dtype, strategy, chunk) in [
-        (2, 16, 8, torch.float32, "sequential", None), (1, 33, 5, torch.float32, "chunked", 8),
-        (1, 20, 3, torch.float64, "chunked", 4), (2, 9, 70, torch.bfloat16, "sequential", None)]:
+    for (B, T, C, dtype, tiles) in [
+            (2, 16, 8, torch.float32, {}), (1, 33, 5, torch.float32, {"BT": 16}),
+            (1, 20, 3, torch.float64, {"S": 1}), (2, 9, 70, torch.bfloat16, {})]:
         ins = [x.requires_grad_() for x in _inputs(B, T, C, dtype, "cpu", seed=T)]
         gy = torch.randn(B, T, C, generator=torch.Generator().manual_seed(1)).to(dtype)
-        y = biwkv4(*ins, backend="triton", strategy=strategy, chunk=chunk)
-        g = torch.autograd.grad(y, ins, gy)
+        with tile_config(**tiles):
+            y = biwkv4(*ins, backend="triton")
+            g = torch.autograd.grad(y, ins, gy)
         r = [x.detach().double().requires_grad_() for x in ins]
         yr = biwkv4_naive(*r)
         gr = torch.autograd.grad(yr, r, gy.double())
@@ -78,29 +63,22 @@ def _cpu_check() -> int:
         tol = {torch.float64: 1e-10, torch.float32: 1e-3, torch.bfloat16: 5e-2}[dtype]
         ok = ey < tol and eg < 10 * tol
         bad += not ok
-        print(f"| {B} | {T} | {C} | {str(dtype)[6:]} | {strategy} | {chunk or T} | {ey:.2e} | "
-              f"{eg:.2e} | {'yes' if ok else 'NO'} |")
+        name = ",".join(f"{k}={v}" for k, v in tiles.items()) or "default"
+        print(f"| {B} | {T} | {C} | {str(dtype)[6:]} | {name} | {ey:.2e} | {eg:.2e} | "
+              f"{'yes' if ok else 'NO'} |")
     print("all checks passed" if not bad else f"{bad} checks FAILED")
     return 1 if bad else 0
 
 
-def _write_json(path, entries, triton_version):
-    """Merge entries into the JSON (replacing same device/C/T/B/dtype) and write it."""
-    out = Path(os.path.expanduser(path))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    old = {}
-    if out.exists():
-        try:
-            old = json.loads(out.read_text())
-        except ValueError:
-            old = {}
-    new_keys = {(e["device"], e["C"], e["T"], e["B"], e["dtype"]) for e in entries}
-    keep = [e for e in old.get("entries", [])
-            if (e.get("device"), e.get("C"), e.get("T"), e.get("B"), e.get("dtype")) not in new_keys]
-    out.write_text(json.dumps({"version": 1, "written": time.strftime("%Y-%m-%d %H:%M:%S"),
-                               "torch": torch.__version__, "triton": triton_version,
-                               "entries": keep + entries}, indent=1))
-    return out
+def timed_calls(params, gy, backend="triton"):
+    """The forward (no grad) and forward+backward calls the benchmarks time."""
+    def fwd():
+        with torch.no_grad():
+            biwkv4(*params, backend=backend)
+
+    def fb():
+        torch.autograd.grad(biwkv4(*params, backend=backend), params, gy)
+    return fwd, fb
 
 
 def _best_config(kernel):
@@ -108,7 +86,7 @@ def _best_config(kernel):
     if cfg is None:
         return "-"
     return ("/".join(f"{k}{v}" for k, v in cfg.kwargs.items())
-            + f"/w{cfg.num_warps}/s{cfg.num_stages}")
+            + f"/w{cfg.num_warps}")
 
 
 def main(argv=None) -> int:
@@ -117,12 +95,12 @@ def main(argv=None) -> int:
     ap.add_argument("--T", default="16,64,256,1024,2160,8640,34560")
     ap.add_argument("--B", default="1,8")
     ap.add_argument("--dtype", default="fp32", help="comma-separated: fp32,bf16,fp16,fp64")
-    ap.add_argument("--chunks", default="64,128,256,512,1024")
-    ap.add_argument("--json", default=str(DEFAULT_TUNE_PATH))
     ap.add_argument("--rep", type=int, default=20, help="do_bench rep (ms)")
     args = ap.parse_args(argv)
 
     if not torch.cuda.is_available():
+        # before the first kernel call, which imports the kernel module
+        os.environ.setdefault("TRITON_INTERPRET", "1")
         return _cpu_check()
 
     import triton
@@ -130,13 +108,12 @@ def main(argv=None) -> int:
     from . import _kernels as K
 
     dev = torch.device("cuda")
-    name = device_name(dev)
-    print(f"GPU: {name}; torch {torch.__version__}; triton {triton.__version__}")
-    print("| C | T | B | dtype | strategy | chunk | fwd cfg | bwd cfg | fwd ms | fwd GB/s | "
-          "fwd+bwd ms | fwd+bwd GB/s | best |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    entries = []
-    out = Path(os.path.expanduser(args.json))
+    print(f"GPU: {torch.cuda.get_device_name(dev)}; torch {torch.__version__}; "
+          f"triton {triton.__version__}")
+    names = list(K.KERNELS)
+    print("| C | T | B | dtype | " + " | ".join(names) + " | fwd ms | fwd+bwd ms | fwd B/el "
+          "| fwd+bwd B/el |")
+    print("|" + "---|" * (len(names) + 8))
     for dname in args.dtype.split(","):
         dtype = _DT[dname]
         for C in _ints(args.C):
@@ -144,49 +121,23 @@ def main(argv=None) -> int:
                 for B in _ints(args.B):
                     ins = _inputs(B, T, C, dtype, dev)
                     gy = torch.randn(B, T, C, device=dev, dtype=dtype)
-                    cands = [("sequential", T)] + [("chunked", c) for c in _ints(args.chunks) if c < T]
-                    rows = []
-                    for strategy, chunk in cands:
-                        try:
-                            params = [x.clone().requires_grad_() for x in ins]
-
-                            # loop values bound as defaults (the closures outlive the iteration)
-                            def run(params=params, strategy=strategy, chunk=chunk):
-                                return biwkv4(*params, backend="triton", strategy=strategy,
-                                              chunk=chunk)
-
-                            def fwd(run=run):
-                                with torch.no_grad():
-                                    run()
-
-                            def fb(run=run, params=params, gy=gy):
-                                torch.autograd.grad(run(), params, gy)
-                            fb()  # triggers triton.autotune for every kernel
-                            t_f = triton.testing.do_bench(fwd, warmup=5, rep=args.rep)
-                            t_fb = triton.testing.do_bench(fb, warmup=5, rep=args.rep)
-                        except torch.cuda.OutOfMemoryError:
-                            torch.cuda.empty_cache()
-                            print(f"| {C} | {T} | {B} | {dname} | {strategy} | {chunk} | OOM |||||||")
-                            continue
-                        cf = _best_config(K.biwkv4_fwd_kernel)
-                        cb = _best_config(K.biwkv4_bwd_kernel)
-                        rows.append((t_fb, strategy, chunk, cf, cb, t_f))
-                    if not rows:
+                    params = [x.clone().requires_grad_() for x in ins]
+                    fwd, fb = timed_calls(params, gy)
+                    try:
+                        fb()  # triggers triton.autotune for every kernel
+                        t_f = triton.testing.do_bench(fwd, warmup=5, rep=args.rep)
+                        t_fb = triton.testing.do_bench(fb, warmup=5, rep=args.rep)
+                    except torch.cuda.OutOfMemoryError:
+                        torch.cuda.empty_cache()
+                        print(f"| {C} | {T} | {B} | {dname} | OOM |")
                         continue
-                    best = min(rows)
-                    for (t_fb, strategy, chunk, cf, cb, t_f) in rows:
-                        gbf = _bytes(B, T, C, dtype, False) / t_f / 1e6
-                        gbb = _bytes(B, T, C, dtype, True) / t_fb / 1e6
-                        mark = "**best**" if (strategy, chunk) == best[1:3] else ""
-                        print(f"| {C} | {T} | {B} | {dname} | {strategy} | {chunk} | {cf} | {cb} | "
-                              f"{t_f:.3f} | {gbf:.0f} | {t_fb:.3f} | {gbb:.0f} | {mark} |", flush=True)
-                    entries.append({"device": name, "C": C, "T": T, "B": B, "dtype": str(dtype),
-                                    "strategy": best[1], "chunk": best[2], "fwd_config": best[3],
-                                    "bwd_config": best[4], "fwd_ms": best[5], "fwdbwd_ms": best[0]})
-                    out = _write_json(args.json, entries, triton.__version__)  # after every shape
-                    del ins, gy
+                    tr = traffic(B, T, C, dtype, backward=True)
+                    cfgs = " | ".join(_best_config(K.KERNELS[n]) for n in names)
+                    print(f"| {C} | {T} | {B} | {dname} | {cfgs} | {t_f:.3f} | {t_fb:.3f} | "
+                          f"{tr['fwd_bytes_per_elem']:.1f} | {tr['fwdbwd_bytes_per_elem']:.1f} |",
+                          flush=True)
+                    del ins, gy, params
                     torch.cuda.empty_cache()
-    print(f"\nwrote {len(entries)} entries to {out}")
     return 0
 
 

@@ -132,7 +132,8 @@ def test_without_a_compiler_auto_falls_back_with_a_reason(tmp_path):
 
 def test_concurrent_first_builds_make_one_library_and_a_broken_one_is_reported(tmp_path):
     """Two processes meeting an empty cache build once (a file lock) and both load it. A cache
-    entry that is not a loadable library (here: overwritten) gives a reason, not a crash."""
+    entry that is not a loadable library (here: overwritten) is rebuilt (test_hostile_env.py);
+    when the rebuild fails too (here: a compiler that fails), it gives a reason, not a crash."""
     cache = tmp_path / "cache"
     code = "import kernels_cpu; assert kernels_cpu.available(), kernels_cpu.unavailable_reason(); print('ok')"
     e = {**os.environ, "PYTHONPATH": str(ROOT), "HPCM_TRITON_CACHE": str(cache)}
@@ -143,10 +144,14 @@ def test_concurrent_first_builds_make_one_library_and_a_broken_one_is_reported(t
     libs = list((cache / "cpu_kernels").glob("libbiwkv4-*.so"))
     assert len(libs) == 1 and not list((cache / "cpu_kernels").glob("*.tmp"))
     libs[0].write_bytes(b"not an ELF file")
-    r = _run("import kernels_cpu; print(kernels_cpu.available(), kernels_cpu.unavailable_reason())",
+    r = _run("from kernels_cpu import _build\n"
+             "def fail(cc, flags, out): raise _build.CPUKernelUnavailable('the compiler failed')\n"
+             "_build._compile = fail\n"
+             "import kernels_cpu; print(kernels_cpu.available(), kernels_cpu.unavailable_reason())",
              HPCM_TRITON_CACHE=str(cache))
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("False could not load the CPU kernel library")
+    assert "rebuilding it failed: the compiler failed" in r.stdout
 
 
 def test_error_type_is_exported():

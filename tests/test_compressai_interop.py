@@ -162,3 +162,31 @@ def test_compressai_eval_model_cli_runs_a_checkpoint(tmp_path, chelsea, eval_mod
     r = res["results"]
     assert res["name"] == "hpcm-base-mse" and len(r["bpp"]) == 1
     assert 0 < r["bpp"][0] < 24 and 0 < r["psnr-rgb"][0] < 60 and 0 < r["ms-ssim-rgb"][0] <= 1
+
+
+def test_import_registers_with_compressai_in_a_fresh_process(tmp_path, chelsea):
+    """`import hpcm_triton` alone (no model touched) is enough for CompressAI's own command line:
+    `eval_model checkpoint -a hpcm-base` in a new process, with compressai imported after
+    hpcm_triton, and the registries filled when compressai comes first too."""
+    import subprocess
+    import sys
+
+    from hpcm_triton import images as im
+
+    data = tmp_path / "imgs"
+    data.mkdir()
+    im.save_image(chelsea[None, :, :192, :192], data / "crop.png")  # > 160 px: eval_model computes MS-SSIM
+    ckpt = tmp_path / "hpcm-base-tiny.pth.tar"
+    torch.save({"state_dict": tiny("hpcm-base").state_dict()}, ckpt)
+    code = ("import sys, hpcm_triton\n"
+            "assert 'torch' not in sys.modules\n"  # importing the package stays cheap
+            "from compressai.utils.eval_model.__main__ import main\n"
+            f"main(['checkpoint', {str(data)!r}, '-a', 'hpcm-base', '-p', {str(ckpt)!r}])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout[r.stdout.index("{"):])
+    assert res["name"] == "hpcm-base-mse" and len(res["results"]["bpp"]) == 1
+    code = ("import compressai.zoo, hpcm_triton\n"
+            "assert 'phase3' in compressai.zoo.image_models and 'hpcm-base' in compressai.registry.MODELS\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -289,7 +289,10 @@ class HPCM(CompressionModel):
             raise ValueError(f"x must be a float tensor in [0, 1], got {x.dtype}")
         if min(x.shape[-2:]) < 64:
             raise ValueError(f"images must be at least 64×64, got {x.shape[-2]}×{x.shape[-1]}")
-        if not torch.isfinite(x).all():
+        finite = torch.isfinite(x).all()
+        if torch.compiler.is_compiling():   # a compiled graph cannot branch on values
+            torch._assert_async(finite, "x contains NaN or inf")
+        elif not finite:
             raise ValueError("x contains NaN or inf")
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:

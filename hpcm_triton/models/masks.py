@@ -66,6 +66,8 @@ def _cached(fn):
 
     @functools.wraps(fn)
     def wrapper(*args):
+        if torch.compiler.is_compiling():   # a compiled graph builds them from the patterns
+            return fn(*args)
         key = (fn.__name__, *args)
         with _cache_lock:
             hit = _cache.get(key)
@@ -139,7 +141,7 @@ def eight_part(batch, channels, height, width, dtype, device):
     _check_groups(channels, 8)
     pats = []
     for p in _PATTERNS_4x4:
-        cell = torch.tensor(p).repeat(2, 2).tolist()
+        cell = [list(row) * 2 for row in p] * 2
         pats.append(_tile(cell, height, width, dtype, device))
     return [_groups([pats[j] for j in order], batch, channels, 8) for order in _EIGHT_PART_ORDER]
 
@@ -170,11 +172,19 @@ def s1_in_full(batch, channels, height, width, dtype, device):
     return [pats[i].expand(batch, channels // 8, -1, -1).contiguous() for i in _GROUP_ORDER]
 
 
+def _positions(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """The n flat raster positions of the nonzeros of a channel group's mask (B, c, H, W), whose
+    planes are all the same: the order of masked_select and boolean indexing. A stable argsort
+    of a fixed size, so that torch.compile sees no shape that depends on values."""
+    return torch.argsort(mask[0, 0].flatten() == 0, stable=True)[:n]
+
+
 def subsample(y: torch.Tensor, mask_list, height: int, width: int) -> torch.Tensor:
     """Pick each channel group's masked positions into a (B, C, height, width) map."""
     b, c = y.shape[:2]
     groups = y.chunk(len(mask_list), dim=1)
-    return torch.cat([g.masked_select(m.bool()).view(b, c // len(mask_list), height, width)
+    n = height * width
+    return torch.cat([g.flatten(2)[:, :, _positions(m, n)].view(b, c // len(mask_list), height, width)
                       for g, m in zip(groups, mask_list)], dim=1)
 
 
@@ -191,9 +201,11 @@ def scale_views(t: torch.Tensor):
 def upsample(y: torch.Tensor, mask_list, height: int, width: int) -> torch.Tensor:
     """Inverse of :func:`subsample`: scatter into a zero map of (B, C, height, width)."""
     b, c = y.shape[:2]
-    out = torch.zeros((b, c, height, width), dtype=y.dtype, device=y.device)
-    out[torch.cat(mask_list, dim=1).bool()] = y.reshape(-1)
-    return out
+    n, per = y.shape[2] * y.shape[3], c // len(mask_list)
+    out = torch.zeros((b, c, height * width), dtype=y.dtype, device=y.device)
+    for i, m in enumerate(mask_list):
+        out[:, i * per:(i + 1) * per, _positions(m, n)] = y[:, i * per:(i + 1) * per].reshape(b, per, n)
+    return out.view(b, c, height, width)
 
 
 def s2_hyper(params: torch.Tensor, full_s1, full_s2, rec, height: int, width: int) -> torch.Tensor:
@@ -205,18 +217,20 @@ def s2_hyper(params: torch.Tensor, full_s1, full_s2, rec, height: int, width: in
     and decompress all use this same function, so released checkpoints depend on it.
     """
     b, c = params.shape[:2]
-    out = torch.zeros((b, c, height, width), dtype=params.dtype, device=params.device)
-    src = torch.cat([s2 - s1 for s1, s2 in zip(full_s1, full_s2)], dim=1).bool()
-    out[~torch.cat(rec, dim=1).bool()] = params[src]
-    return out
+    # every plane has as many s2-not-s1 positions in the full map as positions outside s1 in
+    # the half map (s1 is its (height/2, width/2) sub-lattice), so plane i's values go to plane i
+    n = height * width - (height // 2) * (width // 2)
+    src = torch.cat([_positions(s2 - s1, n).expand(s2.shape[1], n) for s1, s2 in zip(full_s1, full_s2)])
+    dst = torch.cat([_positions(r == 0, n).expand(r.shape[1], n) for r in rec])
+    vals = params.flatten(2).gather(2, src.expand(b, c, n))
+    out = torch.zeros((b, c, height * width), dtype=params.dtype, device=params.device)
+    return out.scatter(2, dst.expand(b, c, n), vals).view(b, c, height, width)
 
 
 def s3_hyper(params: torch.Tensor, full_s2) -> torch.Tensor:
     """Hyperprior parameters at the full-resolution positions not coded in s1/s2."""
     keep = ~torch.cat(full_s2, dim=1).bool()
-    out = torch.zeros_like(params)
-    out[keep] = params[keep]
-    return out
+    return torch.where(keep, params, torch.zeros_like(params))
 
 
 def combine_groups(x: torch.Tensor, n_groups: int) -> torch.Tensor:

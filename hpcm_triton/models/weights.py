@@ -174,7 +174,7 @@ def load_model(path: str | os.PathLike, variants: Mapping[str, type], name: str 
         if name is not None and name.lower() != ck_name:
             raise ValueError(f"{path}: checkpoint is for model {ck_name!r}, not {name.lower()!r}")
         sd = strip_module_prefix(ck["state_dict"])
-        check_finite(sd, str(path))
+        check_finite(sd, f"checkpoint {path}")
         try:
             model = variants[ck_name](**{**HPCMConfig.json_fields(ck["config"]), "use_checkpoint": False})
         except (TypeError, ValueError) as e:
@@ -195,7 +195,7 @@ def load_model(path: str | os.PathLike, variants: Mapping[str, type], name: str 
             sd = unwrap_state_dict(ck)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
-        check_finite(sd, str(path))
+        check_finite(sd, f"checkpoint {path}")
         try:
             model = variants[name].from_official_state_dict(sd)
         except CheckpointMismatchError as e:

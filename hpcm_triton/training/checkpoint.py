@@ -23,9 +23,10 @@ TRAIN_FORMAT = "hpcm-triton-train/1"
 EXPORT_FORMAT = "hpcm-triton-weights/1"
 
 
-def save_atomic(obj, path: str | os.PathLike) -> None:
-    """``torch.save`` through a temporary file and a rename: never a partial checkpoint."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+def save_atomic(obj, path: str | os.PathLike, *, exclusive: bool = False) -> None:
+    """``torch.save`` through a temporary file and a rename: never a partial checkpoint
+    (``exclusive``: see :func:`hpcm_triton.outputs.atomic_write`)."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp), exclusive=exclusive)
 
 
 def export_weights(src: str | os.PathLike, dst: str | os.PathLike, force: bool = False) -> dict:
@@ -42,5 +43,5 @@ def export_weights(src: str | os.PathLike, dst: str | os.PathLike, force: bool =
     obj = {"format": EXPORT_FORMAT, "model": name, "config": ck["config"], "state_dict": model.state_dict(),
            "lmbda": ck.get("lmbda", run.get("lmbda")), "metric": run.get("metric", "mse"),
            "step": int(ck.get("step", 0))}
-    save_atomic(obj, out)
+    save_atomic(obj, out, exclusive=not force)
     return {**obj, "bytes": out.stat().st_size}

@@ -126,6 +126,18 @@ def scan(folder: str | os.PathLike | None, min_side: int = 0, what: str = "train
     return res
 
 
+def worker_init(_worker_id: int, parent_pid: int) -> None:
+    """In a DataLoader worker: interrupts are the trainer's to handle (it finishes the step, saves
+    a checkpoint and then stops its workers), and the worker dies with the trainer if it is killed."""
+    import signal
+
+    from ..entropy.coder import die_with_parent
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    die_with_parent(parent_pid)
+
+
 class CropStream(Dataset):
     """``dataset[p]`` → the (3, crop, crop) float crop at stream position ``p`` (see the module doc)."""
 

@@ -13,6 +13,14 @@ Determinism, and why K processes equal one:
 * the additive quantisation noise of training is drawn per *sample*, from a generator seeded by
   (seed, stream position, call): the same noise whichever process, batch split or resume;
 * CPU and CUDA RNG states of every rank are saved anyway, and restored on resume.
+
+One run per folder: a run holds an ``fcntl.flock`` on ``OUT/train.lock`` for its lifetime, so a
+second run into the same folder is refused, and a run that does not resume refuses a folder
+holding any of an earlier run's files (:data:`ARTIFACTS`) unless forced. The first SIGINT or
+SIGTERM (which cluster schedulers send some time before SIGKILL) lets the current step finish,
+then the run saves ``checkpoint.pt`` at that step, stops its data workers and raises
+:class:`~hpcm_triton.outputs.Interrupted`; a second one interrupts at once (the temporary file
+of a checkpoint being written is removed). The checkpoint resumes exactly, like any other.
 """
 from __future__ import annotations
 
@@ -20,10 +28,13 @@ import bisect
 import collections
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,9 +44,10 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .. import images as im
 from ..models.config import HPCMConfig, size_overrides
-from ..models.weights import (is_hpcm_triton_format, load_official, read_checkpoint, strip_module_prefix,
-                              unwrap_state_dict)
+from ..models.weights import (check_finite, is_hpcm_triton_format, load_official, read_checkpoint,
+                              strip_module_prefix, unwrap_state_dict)
 from ..models.zoo import MODELS, get_model, param_groups
+from ..outputs import Interrupted
 from ..progress import StepProgress
 from . import data as D
 from .checkpoint import TRAIN_FORMAT, save_atomic
@@ -126,6 +138,7 @@ def build_model(cfg: dict) -> tuple[torch.nn.Module, dict]:
             rep = load_official(model, sd, strict_shared=MODELS[cfg["model"]].strict_official)
         except ValueError as e:
             raise ValueError(f"{src}: does not fit {cfg['model']} ({e})") from None
+        check_finite(sd, f"checkpoint {src}")
         report = {"init": f"official:{src}", "new_modules": rep["new_modules"],
                   "dropped_official_modules": rep["dropped_official_modules"],
                   "filled_adaptive_params": rep["filled_adaptive_params"]}
@@ -332,6 +345,76 @@ class RunLog:
             self.tb.close()
 
 
+# ---------------------------------------------------------------- the run folder
+LOCK_NAME = "train.lock"
+# What a run writes in its folder (tb: TensorBoard events, when the package is installed).
+ARTIFACTS = ("checkpoint.pt", "best.pt", "log.jsonl", "tb")
+
+
+def run_artifacts(out: Path) -> list[str]:
+    """The names of :data:`ARTIFACTS` present in ``out``."""
+    return [n for n in ARTIFACTS if os.path.lexists(out / n)]
+
+
+def _refuse_earlier_run(out: Path, resume: bool, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a directory")
+    found = [] if resume or force else run_artifacts(out)
+    if found:
+        raise FileExistsError(f"{out}: already holds a run ({', '.join(found)}); pass --resume to continue it or "
+                              "--force to start afresh")
+
+
+@contextlib.contextmanager
+def hold_folder(out: Path):
+    """Hold an exclusive ``fcntl.flock`` on ``out/train.lock`` (holding this process's pid) while
+    the block runs. Raises ValueError at once if another process holds it. Without fcntl (not
+    POSIX) there is no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            raise ValueError(f"{out}: another training run is using this folder"
+                             + (f" (pid {holder})" if holder.isdigit() else "")
+                             + "; wait for it to end, or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+class StopOnSignal:
+    """While active (main thread only): the first SIGINT or SIGTERM is recorded in ``signum``
+    for the loop to stop after its step; a second one raises :class:`Interrupted` at once."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, _frame) -> None:
+        if self.signum is not None:
+            raise Interrupted(signum)
+        self.signum = signum
+
+
 # ---------------------------------------------------------------- the run
 def _scheduler_state(sched) -> dict:
     sd = sched.state_dict()
@@ -375,6 +458,7 @@ def run(given: dict, out: str | os.PathLike = "runs/train", resume: bool = False
         saved = read_checkpoint(ckpt_path)
         if not (is_hpcm_triton_format(saved) and isinstance(saved.get("run"), dict) and "optimizer" in saved):
             raise ValueError(f"{ckpt_path}: not a hpcm-triton training checkpoint (cannot resume it)")
+        check_finite(strip_module_prefix(saved["state_dict"]), f"checkpoint {ckpt_path}")
     cfg, changed = resolve_config(given, saved["run"] if saved else None, override)
     cfg = validate_config(cfg)
     dev_type = str(cfg["device"]).split(":")[0]
@@ -382,20 +466,20 @@ def run(given: dict, out: str | os.PathLike = "runs/train", resume: bool = False
         raise ValueError(f"--device {cfg['device']}: no CUDA GPU is available here")
     dist = Dist.from_env(dev_type)
     try:
-        return _run(cfg, changed, given, saved, out, ckpt_path, best_path, resume, force, dist)
+        with contextlib.ExitStack() as held:  # the folder's lock and the signal handlers, until the run ends
+            return _run(cfg, changed, given, saved, out, ckpt_path, best_path, resume, force, dist, held)
     finally:
         dist.close()
 
 
-def _run(cfg, changed, given, saved, out, ckpt_path, best_path, resume, force, dist: Dist) -> dict:
+def _run(cfg, changed, given, saved, out, ckpt_path, best_path, resume, force, dist: Dist,
+         held: contextlib.ExitStack) -> dict:
     device = resolve_device(cfg, dist)
     rank0 = dist.rank == 0
-    if not resume:
-        if ckpt_path.exists() and not force:
-            raise FileExistsError(f"{out}: already holds a run ({ckpt_path.name}); pass --resume to continue it or "
-                                  "--force to start afresh")
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"{out}: exists and is not a directory")
+    locked = rank0 and out.is_dir()
+    if locked:  # refuse a second run before the work; a new folder is locked when it is made
+        held.enter_context(hold_folder(out))
+    _refuse_earlier_run(out, resume, force)
     if cfg["batch_size"] % dist.world:
         raise ValueError(f"--batch-size {cfg['batch_size']} (the global batch) is not divisible by the "
                          f"{dist.world} processes")
@@ -475,11 +559,15 @@ def _run(cfg, changed, given, saved, out, ckpt_path, best_path, resume, force, d
     sampler = D.StreamSampler(cfg["batch_size"], start_step=step, rank=dist.rank, world_size=dist.world)
     loader = torch.utils.data.DataLoader(dataset, batch_size=sampler.local, sampler=sampler,
                                          num_workers=cfg["workers"], pin_memory=device.type == "cuda",
-                                         persistent_workers=False)
+                                         persistent_workers=False,
+                                         worker_init_fn=functools.partial(D.worker_init, parent_pid=os.getpid()))
 
     # ---- output
     if rank0:
-        out.mkdir(parents=True, exist_ok=True)
+        if not locked:
+            out.mkdir(parents=True, exist_ok=True)
+            held.enter_context(hold_folder(out))
+            _refuse_earlier_run(out, resume, force)  # another run may have written here meanwhile
         if not resume:
             for stale in (out / "log.jsonl", best_path):
                 if stale.exists():
@@ -498,7 +586,12 @@ def _run(cfg, changed, given, saved, out, ckpt_path, best_path, resume, force, d
     for n in notes:
         log.say(n)
 
+    saved_at = step if saved is not None else None  # the step checkpoint.pt holds
+
     def save(path: Path, step: int):
+        nonlocal saved_at
+        if path == ckpt_path:
+            saved_at = step
         rng_cpu = dist.all_gather(torch.get_rng_state())
         rng_cuda = dist.all_gather(torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
         if not rank0:
@@ -537,8 +630,10 @@ def _run(cfg, changed, given, saved, out, ckpt_path, best_path, resume, force, d
     t_window = time.perf_counter()
     trainable = [p for p in model.parameters() if p.requires_grad]
     inherited_ids = {id(p) for p in inherited}
+    stop = held.enter_context(StopOnSignal())
+    stopping = False
     data_iter = iter(loader)
-    while step < cfg["steps"]:
+    while step < cfg["steps"] and not stopping:
         x = next(data_iter).to(device, non_blocking=True)
         keys = [D.mix_seed(cfg["seed"], 3, p) for p in sampler.positions(step)]
         with sample_noise(model, keys):
@@ -556,10 +651,11 @@ def _run(cfg, changed, given, saved, out, ckpt_path, best_path, resume, force, d
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf"))
         stats = torch.stack([terms["loss"].detach(), terms["bpp_y"].detach(), terms["bpp_z"].detach(),
                              terms["mse"].detach()]).float()
-        stats = torch.cat([stats, (~torch.isfinite(stats[:1])).float()])
-        stats = dist.all_reduce_sum(stats)
+        stats = torch.cat([stats, (~torch.isfinite(stats[:1])).float(), stats.new_tensor([stop.signum is not None])])
+        stats = dist.all_reduce_sum(stats)  # every rank learns of a signal to any, and stops at the same step
         loss_v, bpp_y, bpp_z, mse = (float(v) / dist.world for v in stats[:4])
         finite = float(stats[4]) == 0 and math.isfinite(float(gnorm))
+        stopping = float(stats[5]) > 0
         if finite:
             scaler.step(opt)
         else:
@@ -595,6 +691,15 @@ def _run(cfg, changed, given, saved, out, ckpt_path, best_path, resume, force, d
         if step % cfg["checkpoint_every"] == 0 or step == cfg["steps"]:
             save(ckpt_path, step)
         t_window += time.perf_counter() - t_aside  # images/s counts training time only
+    if stopping and step < cfg["steps"]:  # (a signal during the last step changes nothing)
+        if saved_at != step:
+            save(ckpt_path, step)
+        log.write({"event": "interrupted", "step": step, "signal": signal.Signals(stop.signum or signal.SIGTERM).name,
+                   "time": time.time()})
+        log.close()
+        del data_iter  # stops the workers
+        raise Interrupted(stop.signum or signal.SIGTERM,
+                          f"stopped after step {step}; checkpoint saved: {ckpt_path} (continue with --resume)")
     if saved is not None and step == int(saved["step"]):  # resumed at or past --steps: nothing to do
         log.say(f"already at step {step} ≥ --steps {cfg['steps']}: nothing to train")
     log.write({"event": "end", "step": step, "skipped": skipped, "best_val": best_val, "best_step": best_step,
