@@ -1,14 +1,16 @@
 """MACs of a forward pass: ``torch.utils.flop_counter.FlopCounterMode``, with Bi-WKV4 counted.
 
-FlopCounterMode counts the FLOPs of the operators it has formulas for (matrix products and
-convolutions, 2 FLOPs per multiply-accumulate) and nothing for element-wise work. Bi-WKV4 is an
-``autograd.Function`` whose kernels it cannot see, so until the operator is registered with a
-flop formula the study adds it analytically, per call (:func:`biwkv4_flops`), by wrapping the
-mixing step of every ``hpcm_triton.rwkv.mix.SpatialMix`` of the model while counting.
+FlopCounterMode counts the FLOPs of the operators it has a formula for: matrix products and
+convolutions (2 FLOPs per multiply-accumulate), and Bi-WKV4 where the operator is registered
+with one (``torch.ops.hpcm.biwkv4``, kernels_triton/custom_op.py: 17 FLOPs per batch row, token
+and channel, each exp, add, multiply and divide counted once, from the recurrences of
+docs/biwkv4.md §2). Element-wise work elsewhere counts nothing. MACs are FLOPs / 2.
 
+Where FlopCounterMode does not count a Bi-WKV4 call (an operator without a flop formula), the
+study counts it itself, per call and with the same formula (:func:`biwkv4_flops`), by wrapping
+the mixing step of every ``hpcm_triton.rwkv.mix.SpatialMix`` of the model while counting.
 :func:`biwkv4_counting` is the one place that picks between the two: it asks FlopCounterMode
-whether it already counts a Bi-WKV4 call, and the analytic count is used only where it does not,
-so a registered formula replaces it without a change here and is never counted twice.
+whether it counts a Bi-WKV4 call, so a call is never counted twice or not at all.
 """
 from __future__ import annotations
 
@@ -17,30 +19,23 @@ import functools
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from kernels_triton.custom_op import FWD_FLOPS_PER_ELEMENT
+
 from ..rwkv.mix import SpatialMix
 
-REGISTERED, ANALYTIC = "registered flop formula", "analytic, per SpatialMix call"
-
-# FLOPs of the forward Bi-WKV4 per (batch row b, token t, channel c), docs/biwkv4.md §2:
-# the four scans A, B, C, D, one multiply and one add each        8
-# e^{k_t}·v_t (shared by A and C)                                  1
-# e^{u+k_t} = e^u·e^{k_t}, and e^{u+k_t}·v_t                       2
-# numerator A_t + C_t + e^{u+k_t}·v_t, denominator B_t + D_t + e^{u+k_t}: 4 adds
-# the division                                                     1
-# Exponentials are not counted (FlopCounterMode counts none for any operator).
-BIWKV4_FORWARD_FLOPS_PER_ELEMENT = 16
+REGISTERED, ANALYTIC = "registered flop formula", "counted per SpatialMix call"
+BIWKV4_OP = "hpcm.biwkv4"  # the operator's name in FlopCounterMode's per-operator counts
 
 
 def biwkv4_flops(B: int, T: int, C: int) -> int:
-    """Forward FLOPs of Bi-WKV4 on ``k, v: (B, T, C)``: 16·B·T·C (8 MACs per element; see the
-    table above, after docs/biwkv4.md §2). The O(T) form's count, linear in T: the softmax form
-    of §1 it equals would be O(T²)."""
-    return BIWKV4_FORWARD_FLOPS_PER_ELEMENT * B * T * C
+    """Forward FLOPs of Bi-WKV4 on ``k, v: (B, T, C)``: FWD_FLOPS_PER_ELEMENT·B·T·C, the O(T)
+    form's count (docs/biwkv4.md §2; the tally is in kernels_triton/custom_op.py)."""
+    return FWD_FLOPS_PER_ELEMENT * B * T * C
 
 
 @functools.lru_cache(maxsize=None)
 def biwkv4_counting() -> str:
-    """:data:`REGISTERED` where FlopCounterMode already counts a Bi-WKV4 call, else :data:`ANALYTIC`."""
+    """:data:`REGISTERED` where FlopCounterMode counts a Bi-WKV4 call itself, else :data:`ANALYTIC`."""
     from kernels_triton import biwkv4
 
     k = torch.zeros(1, 4, 2)
@@ -90,12 +85,16 @@ class ForwardMacs:
         return False
 
     @property
-    def biwkv4_macs(self) -> int:
-        return sum(self._bi.values()) // 2
+    def biwkv4_macs(self) -> float:
+        if self.biwkv4 == ANALYTIC:
+            return sum(self._bi.values()) / 2
+        per_op = self.counter.get_flop_counts().get("Global", {})
+        return sum(n for op, n in per_op.items() if str(op) == BIWKV4_OP) / 2
 
     @property
-    def macs(self) -> int:
-        return self.counter.get_total_flops() // 2 + self.biwkv4_macs
+    def macs(self) -> float:
+        counted = self.counter.get_total_flops() / 2
+        return counted + (self.biwkv4_macs if self.biwkv4 == ANALYTIC else 0)
 
     @property
     def by_module(self) -> dict:
@@ -114,4 +113,4 @@ class ForwardMacs:
                 flops[top] += sum(per_op.values())
         for top, f in self._bi.items():
             flops[top] = flops.get(top, 0) + f
-        return {k: v // 2 for k, v in flops.items()}
+        return {k: v / 2 for k, v in flops.items()}

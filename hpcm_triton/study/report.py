@@ -151,8 +151,9 @@ def markdown(results: dict) -> str:
         f"- time: median of {opts['repeats']} runs after {opts['warmup']} warm-up run(s) (a training step: at least "
         "1 warm-up, so the optimiser state exists); " + ("each variant and size in its own process"
                                                          if opts["isolate"] else "all in one process (--in-process)"),
-        f"- MACs: torch.utils.flop_counter.FlopCounterMode (matrix products and convolutions) plus Bi-WKV4, "
-        f"{st['biwkv4_flops']} (16 FLOPs = 8 MACs per batch row, token and channel; hpcm_triton/study/flops.py)",
+        "- MACs: torch.utils.flop_counter.FlopCounterMode (matrix products and convolutions) plus Bi-WKV4, "
+        f"{st['biwkv4_flops']}" + (f" ({st['biwkv4_flops_per_element']} FLOPs per batch row, token and channel)"
+                                   if st.get("biwkv4_flops_per_element") else "") + "; hpcm_triton/study/flops.py",
         f"- memory: {st['memory_method']}; a peak includes the tensors live at the start (weights, optimiser state, "
         "input)", ""]
     lines += _sizes_section(results)

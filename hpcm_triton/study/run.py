@@ -9,10 +9,10 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from ..models.config import PRESETS
+from ..outputs import temporary_folder
 from ..progress import StepProgress
 from . import claims, report, variants
 from .search import largest_fitting
@@ -33,7 +33,7 @@ class Runner:
             from .worker import run_task
 
             return run_task(spec)
-        with tempfile.TemporaryDirectory(prefix="hpcm-study-") as tmp:
+        with temporary_folder("hpcm-study-") as tmp:  # removed also when SIGINT/SIGTERM end the command
             spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
             spec_path.write_text(json.dumps(spec))
             env = dict(os.environ)
@@ -95,12 +95,10 @@ def run_study(opts: dict) -> dict:
     report.md, study.json and the plots to ``opts["out"]``; return the results."""
     import torch
 
-    from ..outputs import check_output
+    from ..outputs import check_output, check_output_folder
 
     _check(opts)
-    out = Path(opts["out"])
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a directory")
+    out = check_output_folder(opts["out"])
     if out.is_dir():
         for f in report.OUTPUTS:
             check_output(out / f, force=opts["force"])
@@ -114,10 +112,11 @@ def run_study(opts: dict) -> dict:
                   "options": {k: v for k, v in opts.items() if k not in ("out", "force")}},
         "variants": {}, "largest": {}, "breakdown": None, "rd": None,
     }
-    from .flops import biwkv4_counting
+    from .flops import FWD_FLOPS_PER_ELEMENT, biwkv4_counting
     from .memory import method
 
     results["study"]["biwkv4_flops"] = biwkv4_counting()
+    results["study"]["biwkv4_flops_per_element"] = FWD_FLOPS_PER_ELEMENT
     results["study"]["memory_method"] = method(opts["device"])
     sizes = [tuple(r) for r in opts["resolutions"]] if opts["measure"] else []
     total = len(opts["variants"]) * (len(sizes) + (1 if opts.get("breakdown") else 0))
