@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .defaults import BUNDLED_PHOTOS, DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES
 from .models.config import MODEL_NAMES, SIZES
+from .study import args as study_args
 from .training import args as train_args
 
 PROG = "hpcm-triton"
@@ -332,6 +333,16 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from .study import run_study
+
+    res = run_study(study_args.to_options(args))
+    for c in res["claims"]:
+        print(f"{c['claim']} ({c['measure']}): {c['verdict']}")
+    print("wrote " + ", ".join(res["files"].values()))
+    return 0
+
+
 def _check_evaluate_outputs(args) -> None:
     """evaluate writes EVALUATE_OUTPUTS in OUT: refuse to replace them
     without --force, and refuse an OUT that is an input (the data folder, a checkpoint)."""
@@ -500,6 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="runs/eval", help="folder for " + ", ".join(EVALUATE_OUTPUTS))
     force(e, "the files evaluate writes in --out (" + ", ".join(EVALUATE_OUTPUTS) + ")")
     e.set_defaults(func=cmd_evaluate)
+
+    study_args.register(sub, study=cmd_study, formatter_class=_Formatter)  # options: hpcm_triton/study/args.py
 
     i = add("info", help="variants, parameter counts, RWKV modules; or what a .hpcm file holds",
             description="Without FILE: every variant's parameter count and RWKV modules. With FILE: what the "

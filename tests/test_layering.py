@@ -8,7 +8,7 @@ Layers, lowest first (a module may import from its own layer and the ones below)
                                                        building blocks and utilities
     2  hpcm_triton.models                              the codec and its variants
     3  hpcm_triton.{bitstream, coding_env}             the .hpcm container
-    4  hpcm_triton.{training, evaluate}                the applications
+    4  hpcm_triton.{training, evaluate, study}         the applications
     5  hpcm_triton.{cli, __main__}                     the command line
 
 Every ``import`` statement counts, also those inside functions (a lazy import is still a
@@ -30,7 +30,7 @@ LAYERS = [
      "hpcm_triton.progress", "hpcm_triton.images"),
     ("hpcm_triton.models",),
     ("hpcm_triton.bitstream", "hpcm_triton.coding_env"),
-    ("hpcm_triton.training", "hpcm_triton.evaluate"),
+    ("hpcm_triton.training", "hpcm_triton.evaluate", "hpcm_triton.study"),
     ("hpcm_triton.cli", "hpcm_triton.__main__"),
 ]
 FACADE = "hpcm_triton"

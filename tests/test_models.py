@@ -353,3 +353,46 @@ def test_mask_cache_is_bounded_by_bytes(monkeypatch):
     for a, b in zip(again, masks.eight_part(1, 64, 128, 128, torch.float32, "cpu")):
         assert torch.equal(a, b)
     masks.cache_clear()
+
+
+# ---------------------------------------------------------------- the context cell as a choice
+# config_fingerprint of every preset, full and TINY widths, as files written so far carry them:
+# choosing a cell design must not change them (a new config field would, through asdict).
+PRESET_FINGERPRINTS = {
+    "hpcm-base": ("9dbb0910a4b43a10", "ce8ee127ea752f6c"), "hpcm-large": ("75e21e338736683f", "f2ebc96c5bd9c8e5"),
+    "phase1": ("2e6f1fc5702c85d1", "a9c8dcb744ef7767"), "phase2": ("e46e8812f527d84f", "3e04a19e20a00221"),
+    "phase3": ("25ff5cc1c03fa894", "8f043481a78ae394"), "phase4": ("19f4a86a2531dba8", "ff45e49fcb010fb9"),
+}
+
+
+def test_cell_design_leaves_existing_fingerprints_alone():
+    from hpcm_triton.bitstream import config_fingerprint
+    from hpcm_triton.models.config import PRESETS
+
+    got = {n: (config_fingerprint(c).hex(), config_fingerprint(c.with_(**TINY)).hex()) for n, c in PRESETS.items()}
+    assert got == PRESET_FINGERPRINTS
+
+
+def test_cell_design_is_one_config_switch():
+    from hpcm_triton.models.config import PHASES, HPCMConfig
+    from hpcm_triton.rwkv import ConcatRWKVContextCell
+
+    with pytest.raises(ValueError, match="rwkv-fork"):
+        HPCMConfig(cells=("rwkv", "rwkv", "rwkv-concat"))
+    fork = PHASES[3].with_(cells=("rwkv-fork",) * 3)
+    assert fork.rwkv_modules == PHASES[3].rwkv_modules and fork.pad_multiple == PHASES[3].pad_multiple
+    m = tiny("phase3", cells=fork.cells)
+    assert all(type(c) is ConcatRWKVContextCell for c in (m.attn_s1, m.attn_s2, m.attn_s3))
+    assert [c.hidden_rate for c in (m.attn_s1, m.attn_s2, m.attn_s3)] == [2, 3, 4]
+    own = tiny("phase3")
+    # Everything but the three cells is the same module tree.
+    strip = lambda sd: {k: v.shape for k, v in sd.items() if not k.startswith("attn_s")}  # noqa: E731
+    assert strip(m.state_dict()) == strip(own.state_dict())
+    rwkv_ids = {id(p) for p in {g["name"]: g for g in param_groups(m)}["rwkv"]["params"]}
+    assert all(id(p) in rwkv_ids for p in m.attn_s3.parameters())
+    x = torch.rand(1, 3, 128, 128)
+    out = m.train()(x)
+    (out["x_hat"].square().mean() + sum(-v.log().mean() for v in out["likelihoods"].values())).backward()
+    assert m.attn_s1.conv_in.weight.grad is not None
+    with torch.no_grad():
+        assert m.eval()(x)["x_hat"].shape == x.shape

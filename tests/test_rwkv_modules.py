@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from hpcm_triton.rwkv import (
     ChannelMix,
+    ConcatRWKVContextCell,
     OmniShift,
     RWKVContextCell,
     RWKVFusionBlock,
@@ -400,3 +401,52 @@ def _saved_fewer(m, mc, inputs):
         return n
 
     return count(mc) < count(m)
+
+
+# ----------------------------------------------------------------------------- the fork's cell design
+def concat_cell_params(C, h):
+    return 2 * C * C + C + block_params(C, h) + C * C + C
+
+
+@pytest.mark.parametrize("H,W", [(1, 1), (3, 5), (8, 8)])
+def test_concat_cell_contract(H, W):
+    cell = ConcatRWKVContextCell(16, hidden_rate=3)
+    x_t, h_prev = torch.randn(2, 2, 16, H, W).unbind(0)
+    h_t = cell(x_t, h_prev)
+    assert h_t.shape == x_t.shape and torch.isfinite(h_t).all()
+    assert not torch.allclose(cell(x_t, h_prev + torch.randn_like(h_prev)), h_t, atol=1e-5)
+    assert not torch.allclose(cell(x_t + torch.randn_like(x_t), h_prev), h_t, atol=1e-5)
+    with pytest.raises(ValueError):
+        cell(x_t, h_prev[:1])
+
+
+def test_concat_cell_formula():
+    cell = randomize(ConcatRWKVContextCell(6, hidden_rate=2).double(), 0.3)
+    x_t, h_prev = torch.randn(2, 2, 6, 3, 4, dtype=torch.float64).unbind(0)
+    want = cell.conv_out(cell.block(cell.conv_in(torch.cat((x_t, h_prev), dim=1))))
+    torch.testing.assert_close(cell(x_t, h_prev), want, rtol=0, atol=0)
+    assert cell.block.channel_mix.key.out_features == 12
+
+
+@pytest.mark.parametrize("C,h", [(16, 4), (20, 2), (24, 3)])
+def test_concat_cell_param_count(C, h):
+    assert n_params(ConcatRWKVContextCell(C, h)) == concat_cell_params(C, h) == (2 * h + 8) * C * C + 80 * C + 8
+
+
+def test_both_cell_designs_at_hpcm_sizes():
+    with torch.device("meta"):
+        fork = {r: n_params(ConcatRWKVContextCell(640, hidden_rate=r)) for r in (2, 3, 4)}
+        own = {r: n_params(RWKVContextCell(640, hidden_rate=r)) for r in (2, 3, 4)}
+    assert fork == {2: 4_966_408, 3: 5_785_608, 4: 6_604_808}
+    assert own == {2: 4_170_252, 3: 4_989_452, 4: 5_808_652}
+
+
+def test_concat_cell_checkpoint_same_gradients():
+    m = ConcatRWKVContextCell(12, 2).train()
+    inputs = list(torch.randn(2, 2, 12, 5, 6).unbind(0))
+    mc = copy.deepcopy(m)
+    mc.use_checkpoint = True
+    assert mc.use_checkpoint and mc.block.use_checkpoint and not m.use_checkpoint
+    for a, b in zip(_grads(m, inputs), _grads(mc, inputs)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert _saved_fewer(m, mc, inputs)

@@ -11,6 +11,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
+# The context cell designs a scale can use (``HPCMConfig.cells``):
+#   "attention": HPCM's windowed cross-attention (docs/architecture.md §3);
+#   "rwkv":      RWKVContextCell, receptance from the current context, keys/values from the
+#                previous state (the phases' cell, docs/architecture.md §5);
+#   "rwkv-fork": ConcatRWKVContextCell, the public fork's design: concatenate both streams,
+#                conv1×1, one RWKV block, output conv1×1 (hpcm_triton/rwkv/context_cell.py).
+# The choice lives in the existing ``cells`` field: a new field would enter every
+# configuration's fingerprint (asdict) and so change it for files already written.
+CELLS = ("attention", "rwkv", "rwkv-fork")
+RWKV_CELLS = ("rwkv", "rwkv-fork")
+
 
 @dataclass(frozen=True)
 class HPCMConfig:
@@ -21,7 +32,8 @@ class HPCMConfig:
     gs_blocks: tuple = (4, 2, 2)      # PConvRBs per g_s stage, deep → shallow
     prior_s1_s2_blocks: tuple = (2, 1)
     prior_s3_blocks: tuple = (3, 2)
-    # context cell per scale: "attention" (windowed cross-attention) or "rwkv"
+    # context cell per scale, one of CELLS (below): "attention" (windowed cross-attention),
+    # "rwkv" (this project's cross-stream RWKV cell) or "rwkv-fork" (the public fork's design)
     cells: tuple = ("attention", "attention", "attention")
     attention_windows: tuple = (4, 8, 8)
     attention_heads: int = 32
@@ -38,8 +50,8 @@ class HPCMConfig:
     def __post_init__(self):
         if self.M % 8 or self.M <= 0:
             raise ValueError(f"M must be a positive multiple of 8 (eight channel groups), got {self.M}")
-        if any(c not in ("attention", "rwkv") for c in self.cells) or len(self.cells) != 3:
-            raise ValueError(f"cells must be three of 'attention'/'rwkv', got {self.cells}")
+        if len(self.cells) != 3 or any(c not in CELLS for c in self.cells):
+            raise ValueError(f"cells must be three of {'/'.join(map(repr, CELLS))}, got {self.cells}")
         if self.fusion not in ("conv", "rwkv"):
             raise ValueError(f"fusion must be 'conv' or 'rwkv', got {self.fusion!r}")
         if self.prior not in ("dwconv", "rwkv"):
@@ -64,8 +76,8 @@ class HPCMConfig:
     @property
     def rwkv_modules(self) -> tuple:
         """Top-level modules that are RWKV in this variant (in place of the official ones)."""
-        flags = {"attn_s1": self.cells[0] == "rwkv", "attn_s2": self.cells[1] == "rwkv",
-                 "attn_s3": self.cells[2] == "rwkv", "context_net": self.fusion == "rwkv",
+        flags = {"attn_s1": self.cells[0] in RWKV_CELLS, "attn_s2": self.cells[1] in RWKV_CELLS,
+                 "attn_s3": self.cells[2] in RWKV_CELLS, "context_net": self.fusion == "rwkv",
                  "y_spatial_prior_s1_s2": self.prior == "rwkv", "y_spatial_prior_s3": self.prior == "rwkv"}
         return tuple(name for name, rwkv in flags.items() if rwkv)
 

@@ -150,13 +150,15 @@ class HPCM(CompressionModel):
         self.decoder_param_hook = None
 
     def _context_cell(self, scale: int) -> nn.Module:
+        """The cell ``cfg.cells[scale]`` names (models/config.py ``CELLS``) at 2M channels."""
         cfg = self.config
         if cfg.cells[scale] == "attention":
             return CrossAttentionCell(2 * cfg.M, 2 * cfg.M, window_size=cfg.attention_windows[scale], kernel_size=1,
                                       num_heads=cfg.attention_heads)
-        from ..rwkv import RWKVContextCell
+        from ..rwkv import ConcatRWKVContextCell, RWKVContextCell
 
-        return RWKVContextCell(2 * cfg.M, hidden_rate=cfg.rwkv_rates[scale], use_checkpoint=cfg.use_checkpoint)
+        design = RWKVContextCell if cfg.cells[scale] == "rwkv" else ConcatRWKVContextCell
+        return design(2 * cfg.M, hidden_rate=cfg.rwkv_rates[scale], use_checkpoint=cfg.use_checkpoint)
 
     # ------------------------------------------------------------------ entropy tables
     def update(self, scale_table: torch.Tensor | None = None, force: bool = False,
