@@ -28,11 +28,12 @@ class _Variant(HPCM):
 
         HPCM-Base/Large: every key must match (checkpoints without ``adaptive_params_list.*``
         get ones, with a warning). Phases: the parts shared with HPCM-Base load, the new RWKV
-        parts keep their initialisation; ``model.load_report`` lists both.
+        parts keep their initialisation; ``model.load_report`` lists both. Wrappers and
+        ``module.`` prefixes are accepted (:func:`~hpcm_triton.models.weights.unwrap_state_dict`).
         Raises :class:`~hpcm_triton.models.weights.CheckpointMismatchError` naming bad keys.
         """
         model = cls(**overrides)
-        model.load_report = load_official(model, state_dict, strict_shared=cls.strict_official)
+        model.load_report = load_official(model, unwrap_state_dict(state_dict), strict_shared=cls.strict_official)
         model.eval()
         model.update()
         return model
