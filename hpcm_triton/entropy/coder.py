@@ -141,7 +141,8 @@ def encode(chunks: list[tuple[np.ndarray, np.ndarray, CdfTables]]) -> CodedStrea
     for step, (symbols, indexes, tables) in enumerate(chunks):
         err = range_error(symbols, indexes, tables)
         if err:
-            raise ValueError(f"cannot entropy-code this latent: {err}")
+            raise ValueError(f"cannot entropy-code this latent: {err}; a latent this far out comes from "
+                             "weights (or inputs) far outside a trained model's range: check the checkpoint")
         enc.encode_with_indexes(
             np.asarray(symbols).reshape(-1).astype(np.int32).tolist(),
             np.asarray(indexes).reshape(-1).astype(np.int32).tolist(),

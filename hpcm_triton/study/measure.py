@@ -225,8 +225,10 @@ def measure(spec: dict) -> dict:
     release = lambda: opt.zero_grad(set_to_none=True)  # noqa: E731
     _peak(row, "train_b1", dev, lambda: step(x), (model, opt, x), release)
     _train_batch(row, spec, dev, step, (model, opt), x, release)
+    batch = (f"{_fmt(row['train_batch_s_per_image'])} per image at batch {row['train_batch']}"
+             if row.get("train_batch") else f"no larger batch ({row['errors'].get('train_batch', '--batch 1')})")
     say(f"{label}: training step {_fmt(row['train_b1_s'])} (batch 1, peak {_fmt(row['train_b1_peak_mib'], 'MiB')}), "
-        f"{_fmt(row['train_batch_s_per_image'])} per image at batch {row['train_batch']}")
+        + batch)
     row["load_after"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return row
 
@@ -235,7 +237,7 @@ def _train_batch(row, spec, dev, step, state, x, release) -> None:
     """The training step at the largest batch ≤ spec["batch"] (halving) whose estimated peak
     (tensors live at the start + batch × the batch-1 step's rise) fits the memory budget; on CUDA
     a batch that still runs out of memory is halved again."""
-    if row["train_b1_peak_mib"] is None:
+    if row["train_b1_peak_mib"] is None or spec["batch"] <= 1:  # failed, or --batch 1: nothing more to try
         return
     budget = memory_budget(dev, spec.get("memory_limit")) / MIB
     start, rise = row["train_b1_start_mib"], row["train_b1_peak_mib"] - row["train_b1_start_mib"]
