@@ -60,6 +60,8 @@ def _plot(path: Path, results: dict, panels, ylabel: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # a measurement no variant has (e.g. the larger batch under --batch 1) gets no empty panel
+    panels = [(title, key) for title, key in panels if any(pts for _, pts in _series(results, key))] or panels[:1]
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
