@@ -230,3 +230,60 @@ def test_a_probe_runs_in_a_process_of_its_own():
     assert r["fits"] is True and 0 < r["peak_mib"] < 256, r
     r = runner.run({"task": "no-such-task", "variant": "phase2", "size": "tiny", "device": "cpu"})
     assert r["error"].startswith("worker ended with status 1") and "unknown study task" in r["error"]
+
+
+def test_a_worker_killed_in_the_training_step_keeps_what_it_measured():
+    """The system kills a worker (SIGKILL, as the out-of-memory killer does) once it has begun
+    its training step: the forward, compress and decompress numbers stand, and the training
+    step is the one measurement recorded as failed."""
+    import glob
+    import os
+    import signal
+    import tempfile
+    import threading
+    import time
+
+    import psutil
+
+    from hpcm_triton.progress import StepProgress
+    from hpcm_triton.study.run import Runner
+
+    runner = Runner({"isolate": True, "threads": 1}, StepProgress(1, "test"))
+    spec = {"task": "measure", "variant": "hpcm-base", "size": "tiny", "device": "cpu", "resolution": [64, 64],
+            "warmup": 1, "repeats": 5, "batch": 1, "memory_limit": None}
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "hpcm-study-*", "result.json")))
+    out, killed = {}, []
+    worker = threading.Thread(target=lambda: out.update(row=runner.run(spec)))
+    worker.start()
+    deadline = time.monotonic() + 300
+    while worker.is_alive() and not killed and time.monotonic() < deadline:
+        for path in set(glob.glob(os.path.join(tempfile.gettempdir(), "hpcm-study-*", "result.json"))) - before:
+            try:
+                unfinished = json.loads(open(path).read()).get("unfinished")
+            except (OSError, ValueError):
+                continue
+            if unfinished == "train_b1":
+                for child in psutil.Process().children():
+                    if "hpcm_triton.study.worker" in " ".join(child.cmdline()):
+                        child.send_signal(signal.SIGKILL)
+                        killed.append(child.pid)
+        time.sleep(0.01)
+    worker.join(timeout=60)
+    assert killed, "the worker never reached its training step"
+    row = out["row"]
+    assert row["error"] is None and "unfinished" not in row
+    for k in ("forward_s", "compress_s", "decompress_s", "forward_peak_mib", "decompress_peak_mib"):
+        assert isinstance(row[k], float) and row[k] > 0, k
+    assert row["exact_decode"] is True and row["train_b1_s"] is None
+    assert row["errors"] == {"train_b1": "worker ended with killed by the system (out of memory?)"}
+
+
+def test_a_worker_result_without_a_file_is_one_error(tmp_path):
+    from hpcm_triton.study.run import read_result
+
+    assert read_result(tmp_path / "none.json", -9, "last line") == {
+        "error": "worker ended with killed by the system (out of memory?): last line"}
+    (tmp_path / "r.json").write_text(json.dumps({"forward_s": 1.0, "errors": {}, "error": None,
+                                                 "unfinished": "compress"}))
+    r = read_result(tmp_path / "r.json", 1, "RuntimeError: boom")
+    assert r == {"forward_s": 1.0, "error": None, "errors": {"compress": "worker ended with status 1: RuntimeError: boom"}}

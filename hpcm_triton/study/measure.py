@@ -154,9 +154,18 @@ def train_step_fn(model, opt):
     return step
 
 
-def measure(spec: dict) -> dict:
+def _stage(save, row: dict, key: str) -> None:
+    """Before the measurement ``key``: hand the row measured so far to ``save`` (the worker
+    writes it to its result file), so that a worker the system kills in ``key`` (out of memory)
+    still reports what it finished."""
+    if save is not None:
+        save({**row, "unfinished": key})
+
+
+def measure(spec: dict, save=None) -> dict:
     """Every measurement of one variant at one resolution; ``spec``: variant, size, device,
-    resolution, warmup, repeats, batch, memory_limit (bytes or None)."""
+    resolution, warmup, repeats, batch, memory_limit (bytes or None). ``save(row)`` receives the
+    row so far, marked ``"unfinished": key``, before each measurement ``key``."""
     dev = torch.device(spec["device"])
     res = tuple(spec["resolution"])
     label = f"{spec['variant']} {res[0]}×{res[1]}"
@@ -188,6 +197,7 @@ def measure(spec: dict) -> dict:
         with torch.no_grad():
             fwd_out["x_hat"] = model(x)["x_hat"]
 
+    _stage(save, row, "forward")
     row["forward_s"] = _median(row, "forward", _attempt(row, "forward", dev, lambda: timed(forward, dev, W, R)))
     _peak(row, "forward", dev, forward, (model, x), fwd_out.clear)
     comp = {}
@@ -195,6 +205,7 @@ def measure(spec: dict) -> dict:
     def compress():
         comp["out"] = model.compress(x)
 
+    _stage(save, row, "compress")
     row["compress_s"] = _median(row, "compress", _attempt(row, "compress", dev, lambda: timed(compress, dev, W, R)))
     _peak(row, "compress", dev, compress, (model, x), comp.clear)
     if "out" in comp:
@@ -205,6 +216,7 @@ def measure(spec: dict) -> dict:
         def decompress():
             dec["x_hat"] = model.decompress(comp["out"])["x_hat"]
 
+        _stage(save, row, "decompress")
         row["decompress_s"] = _median(row, "decompress",
                                       _attempt(row, "decompress", dev, lambda: timed(decompress, dev, W, R)))
         _peak(row, "decompress", dev, decompress, (model,), dec.clear)
@@ -220,10 +232,12 @@ def measure(spec: dict) -> dict:
     model.train()
     opt = torch.optim.Adam(param_groups(model))
     step = train_step_fn(model, opt)
+    _stage(save, row, "train_b1")
     row["train_b1_s"] = _median(row, "train_b1",
                                 _attempt(row, "train_b1", dev, lambda: timed(lambda: step(x), dev, max(W, 1), R)))
     release = lambda: opt.zero_grad(set_to_none=True)  # noqa: E731
     _peak(row, "train_b1", dev, lambda: step(x), (model, opt, x), release)
+    _stage(save, row, "train_batch")
     _train_batch(row, spec, dev, step, (model, opt), x, release)
     batch = (f"{_fmt(row['train_batch_s_per_image'])} per image at batch {row['train_batch']}"
              if row.get("train_batch") else f"no larger batch ({row['errors'].get('train_batch', '--batch 1')})")

@@ -47,11 +47,22 @@ class Runner:
                 if line:
                     last = line
                     self.bar.write(f"  {line}")
-            rc = proc.wait()
-            if result_path.exists():
-                return json.loads(result_path.read_text())
-            why = "killed by the system (out of memory?)" if rc in (-9, 137) else f"status {rc}"
-            return {"error": f"worker ended with {why}" + (f": {last[:200]}" if last else "")}
+            return read_result(result_path, proc.wait(), last)
+
+
+def read_result(path: Path, rc: int, last: str = "") -> dict:
+    """A worker's result after it exited with status ``rc`` (``last``: its last progress line).
+    A worker killed during a measurement leaves the row it had finished, marked
+    ``"unfinished": key``: that measurement is recorded as failed and the others stand."""
+    why = "killed by the system (out of memory?)" if rc in (-9, 137) else f"status {rc}"
+    error = f"worker ended with {why}" + (f": {last[:200]}" if last else "")
+    if not path.exists():
+        return {"error": error}
+    result = json.loads(path.read_text())
+    key = result.pop("unfinished", None)
+    if key is not None:
+        result["errors"][key] = f"worker ended with {why}" if rc in (-9, 137) else error
+    return result
 
 
 def machine(device: str) -> dict:

@@ -26,8 +26,9 @@ def _check_task(spec: dict) -> None:
         raise ValueError(f"unknown study task {spec.get('task')!r}")
 
 
-def run_task(spec: dict) -> dict:
-    """Run one task: "measure" (:func:`~hpcm_triton.study.measure.measure`), "probe"
+def run_task(spec: dict, save=None) -> dict:
+    """Run one task: "measure" (:func:`~hpcm_triton.study.measure.measure`, which hands its row
+    so far to ``save`` before each measurement), "probe"
     (:func:`~hpcm_triton.study.measure.probe`) or "breakdown"
     (:func:`~hpcm_triton.study.breakdown.breakdown`)."""
     _check_task(spec)
@@ -38,7 +39,7 @@ def run_task(spec: dict) -> dict:
     if spec["task"] == "measure":
         from .measure import measure
 
-        return measure(spec)
+        return measure(spec, save)
     if spec["task"] == "probe":
         from .measure import probe
 
@@ -96,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if spec["task"] == "probe" and not str(spec["device"]).startswith("cuda"):
         _watch_size(spec, result_path)
-    _write(result_path, run_task(spec))
+    # a measure task's finished measurements are on disk before each next one starts: the
+    # parent keeps them when the system kills this process (out of memory)
+    save = (lambda row: _write(result_path, row)) if spec["task"] == "measure" else None
+    _write(result_path, run_task(spec, save))
     return 0
 
 
