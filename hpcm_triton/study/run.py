@@ -54,14 +54,15 @@ def read_result(path: Path, rc: int, last: str = "") -> dict:
     """A worker's result after it exited with status ``rc`` (``last``: its last progress line).
     A worker killed during a measurement leaves the row it had finished, marked
     ``"unfinished": key``: that measurement is recorded as failed and the others stand."""
-    why = "killed by the system (out of memory?)" if rc in (-9, 137) else f"status {rc}"
+    killed = rc in (-9, 137)  # SIGKILL: the out-of-memory killer; its last line says nothing about it
+    why = "killed by the system (out of memory?)" if killed else f"status {rc}"
     error = f"worker ended with {why}" + (f": {last[:200]}" if last else "")
     if not path.exists():
         return {"error": error}
     result = json.loads(path.read_text())
     key = result.pop("unfinished", None)
     if key is not None:
-        result["errors"][key] = f"worker ended with {why}" if rc in (-9, 137) else error
+        result["errors"][key] = f"worker ended with {why}" if killed else error
     return result
 
 
