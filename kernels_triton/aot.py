@@ -25,11 +25,9 @@ LOCAL stays 0 for them (``ptxas -v`` on such a kernel: "88 bytes stack frame, 12
 spill stores" with STACK 88, LOCAL 0). A variant counts as spilling when STACK or LOCAL is
 above 0.
 
-Exit status 1 on a compile failure, a spill in a variant whose inputs are not float64, a
-float64 instruction in such a variant, or a tile kernel (fwd_sum, fwd, bwd_sum, bwd) without
-asynchronous copies. Reported without failing: spills of float64 variants (the float64 path
-is the exact one, not the fast one; its backward spills where the dots run on DMMA, sm_80 and
-sm_90) and fixed configs above 128 registers per thread.
+Exit status 1 on a compile failure, a spill in any variant, a float64 instruction in a
+variant whose inputs are not float64, or a tile kernel (fwd_sum, fwd, bwd_sum, bwd) without
+asynchronous copies. Reported without failing: fixed configs above 128 registers per thread.
 
 TRITON_INTERPRET must not be set for compilation: ``main`` removes it from its own process's
 environment before it imports the kernels, and refuses to run in a process that has already
@@ -76,7 +74,6 @@ def _launches(dtype, shape, fallbacks):
     B, T, C = shape
     acc = ops._acc(dtype)
     ACC = ops._tl_acc(dtype)
-    prec = "ieee" if acc == torch.float64 else "tf32"
     BT, DBF, BTB, DBB = ops.tile_sizes(dtype)
     P, A = MockTensor(dtype), MockTensor(acc)
     TB = ops._t_bucket(T)
@@ -85,9 +82,12 @@ def _launches(dtype, shape, fallbacks):
     out = []
     for fb in ([False, True] if fallbacks else [False]):
         # the unit lengths HPCM's w gives (the whole tile), or one token and half a tile
+        # where half a tile is still a unit ops.unit_rows can choose (16 tokens or more)
         for S, bt, db, kind in ((BT, BT, DBF, "fwd"), (BTB, BTB, DBB, "bwd")) if not fb else \
-                ((1, BT, DBF, "fwd"), (1, BTB, DBB, "bwd"), (BT // 2, BT, min(DBF, BT // 2), "fwd"),
-                 (BTB // 2, BTB, min(DBB, BTB // 2), "bwd")):
+                [(1, BT, DBF, "fwd"), (1, BTB, DBB, "bwd")] + \
+                [(h, b if kind == "fwd" else ops.backward_tile_rows(h, b), min(d, h), kind)
+                 for h, b, d, kind in ((BT // 2, BT, DBF, "fwd"), (BTB // 2, BTB, DBB, "bwd"))
+                 if h >= 16]:
             NU = ops._cdiv(T, S)
             tag = f"S={S}"
             if kind == "fwd":
@@ -106,7 +106,7 @@ def _launches(dtype, shape, fallbacks):
                                 (P, P, P, P, A, P, A if store_z else P, A if store_ya else P, A,
                                  B, T, C, NT, NU, TPP, TB),
                                 dict(S=S, BT=bt, DB=db, STORE_Z=store_z, STORE_YA=store_ya,
-                                     ACC=ACC, PREC=prec)))
+                                     ACC=ACC, PREC=ops.dot_precision(dtype, False))))
             else:
                 if S > 1:
                     out.append(("bwd_sum", tag, (A, P, A, P, A, B, T, C, NTB, NU, TPPB, TB),
@@ -115,7 +115,8 @@ def _launches(dtype, shape, fallbacks):
                             dict(S=S, BT=BT, BWD=True, ACC=ACC)))
                 out.append(("bwd", tag, (P, P, A, A, P, A, P, P, A, P, P, A, A,
                                          B, T, C, NTB, NT, NU, TPPB, TB),
-                            dict(S=S, BT=bt, KG=BT, DB=db, ACC=ACC, PREC="ieee")))
+                            dict(S=S, BT=bt, KG=BT, DB=db, ACC=ACC,
+                                 PREC=ops.dot_precision(dtype, True))))
     return out
 
 
@@ -231,8 +232,7 @@ def main(argv=None) -> int:
                         n_ok += 1
                         where = f"{label} sm_{arch}"
                         if any(res[key] is None or res[key] > 0 for key in ("STACK", "LOCAL")):
-                            (notes if dtype == torch.float64 else problems).append(
-                                f"SPILL {where}: STACK={res['STACK']} LOCAL={res['LOCAL']}")
+                            problems.append(f"SPILL {where}: STACK={res['STACK']} LOCAL={res['LOCAL']}")
                         if n64 and dtype != torch.float64:
                             problems.append(f"FP64 {where}: {n64} float64 SASS instructions")
                         if name in TILE_KERNELS and not (cpa or tma):

@@ -180,6 +180,22 @@ def unit_rows(wmax: float, T: int, BT: int, DB: int, dtype) -> tuple[int, int]:
     return s, min(DB, s)
 
 
+def backward_tile_rows(S: int, BT: int) -> int:
+    """Rows of the backward's tiles for units of S tokens and the configured BT: a unit
+    shorter than the tile (large |w|) gets tiles of one unit (two units per tile spilled the
+    backward's registers on sm_90)."""
+    return S if 16 <= S < BT else BT
+
+
+def dot_precision(dtype, backward: bool) -> str:
+    """PREC of the in-unit sums (docs/kernels.md, "In-unit sums as dots"): float32 state uses
+    split TF32 dots forward and exact float32 dots backward; float64 uses exact float64 dots
+    forward and FMA products backward (its DMMA fragments spill there)."""
+    if dtype == torch.float64:
+        return "fma" if backward else "ieee"
+    return "ieee" if backward else "tf32"
+
+
 def _max_abs(w) -> float:
     """max|w| on the host (one device synchronisation for CUDA tensors)."""
     return float(w.detach().abs().max())
@@ -271,7 +287,7 @@ def triton_forward(w, u, k, v, need_grad: bool, share_y: bool = False):
     _launch("fwd", lambda m: (B, _cdiv(C, m["BLOCK_C"]), NP),
             k, v, w, u, c, y, z, ya, kt, B, T, C, NT, NU, TPP, TB, S=S, BT=BT, DB=DB,
             STORE_Z=need_grad, STORE_YA=store_ya, ACC=ACC,
-            PREC="ieee" if acc == torch.float64 else "tf32")
+            PREC=dot_precision(k.dtype, backward=False))
     if not need_grad:
         return y, ()
     return y, (ya, z, kt)
@@ -295,6 +311,7 @@ def triton_backward(w, u, k, v, residuals: tuple, gy):
         raise ValueError(f"residuals do not match triton_residual_specs: got "
                          f"{[(tuple(r.shape), r.dtype) for r in residuals]}, want {want}")
     S, DB = unit_rows(_max_abs(w), T, BT, DB, k.dtype)
+    BT = backward_tile_rows(S, BT)
     NT, NU, NTK = _cdiv(T, BT), _cdiv(T, S), _cdiv(T, KG)
     TPP = _tiles_per_program(NT)
     NP = _cdiv(NT, TPP)
@@ -313,7 +330,7 @@ def triton_backward(w, u, k, v, residuals: tuple, gy):
     gup = _alloc((B, NP, C), acc, dev)
     _launch("bwd", lambda m: (B, _cdiv(C, m["BLOCK_C"]), NP),
             k, v, ya, z, gy, kt, w, u, c, gk, gv, gwp, gup, B, T, C, NT, NTK, NU, TPP, TB,
-            S=S, BT=BT, KG=KG, DB=DB, ACC=ACC, PREC="ieee")
+            S=S, BT=BT, KG=KG, DB=DB, ACC=ACC, PREC=dot_precision(k.dtype, backward=True))
     # fixed-order (deterministic) sums of the per-program partials
     gw = gwp.sum(dim=(0, 1)).to(w.dtype)
     gu = gup.sum(dim=(0, 1)).to(u.dtype)
